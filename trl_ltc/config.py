@@ -1,0 +1,130 @@
+"""`TeachabilityGKDConfig`: `trl.DistillationConfig` plus where the OPD supervision goes."""
+
+from dataclasses import dataclass, field
+
+from trl import DistillationConfig
+
+SUPERVISIONS = ("full", "fixed_prefix", "release", "random_release", "adv_std_release", "token_teachability")
+SEGMENTATIONS = ("nltk", "newline", "fixed")
+LOSS_TYPES = ("advantage", "parent")
+TOKEN_SCORES = ("teachability", "tip", "entropy", "divergence", "random")
+# Policies whose weights need the teacher's distribution over the student's top-K, not only log pT(y_t).
+MARGIN_POLICIES = ("release", "random_release", "token_teachability")
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}; got {value!r}.")
+
+
+@dataclass
+class TeachabilityGKDConfig(DistillationConfig):
+    r"""
+    Configuration for [`TeachabilityGKDTrainer`]: every field of `trl.DistillationConfig`, plus the supervision policy.
+
+    The trainer is fully on-policy (the student samples every completion) and makes one update per rollout, as in
+    "Prefix Teach, Suffix Fade" (arXiv 2605.13643). The loss is the sampled-token OPD loss
+    `L = -sum(w * stopgrad(log pT(y) - log pS(y)) * log pS(y)) / N`; the policy only chooses the weights `w`:
+
+    - `"full"`: every completion token (standard OPD).
+    - `"fixed_prefix"`: the first `fixed_prefix_length` completion tokens, mass-preserving rescale.
+    - `"release"` (default): per trajectory, the prefix before the downward change point of the per-sentence
+      teacher margin over the student's top-`release_top_k` (formula 4-7 of the design).
+    - `"random_release"`: the release fractions of `"release"` permuted across the trajectories of the batch.
+    - `"adv_std_release"`: the same change point on the per-segment standard deviation of the advantage.
+    - `"token_teachability"`: TA-OPD (arXiv 2605.26844), the top `token_keep_ratio` positions of the batch by
+      `token_score`.
+
+    Parameters:
+        supervision (`str`, defaults to `"release"`): the supervision policy above.
+        release_top_k (`int`, defaults to `10`): K, the size of the student's candidate set for the teacher margin.
+        segmentation (`str`, defaults to `"nltk"`): how completions are split into segments: NLTK Punkt sentences,
+            lines, or windows of `segment_window` tokens.
+        segment_window (`int`, defaults to `64`): tokens per segment with `segmentation="fixed"`.
+        fixed_prefix_length (`int`, *optional*): L for `supervision="fixed_prefix"` (required there).
+        release_seed (`int`, *optional*): seed of the `random_release` permutation and of `token_score="random"`;
+            defaults to `seed`.
+        loss_type (`str`, defaults to `"advantage"`): `"advantage"` is the sampled-token OPD loss above; `"parent"`
+            is `trl.DistillationTrainer`'s generalized JSD (see `beta`) with the supervision weights applied per token.
+        signal_chunk_size (`int`, *optional*): completion positions projected to the vocabulary at a time when the
+            per-token signals are computed; by default about 64M logits per chunk.
+        token_score, token_keep_ratio, token_top_k, token_min_keep: TA-OPD selection, see the fields' help.
+    """
+
+    supervision: str = field(
+        default="release",
+        metadata={"help": f"Where the OPD supervision goes. One of: {', '.join(SUPERVISIONS)}."},
+    )
+    release_top_k: int = field(
+        default=10,
+        metadata={"help": "K: size of the student's top-K candidate set on which the teacher margin is measured (>= 2)."},
+    )
+    segmentation: str = field(
+        default="nltk",
+        metadata={"help": f"How completions are split into segments. One of: {', '.join(SEGMENTATIONS)}."},
+    )
+    segment_window: int = field(
+        default=64,
+        metadata={"help": "Tokens per segment when `segmentation='fixed'`."},
+    )
+    fixed_prefix_length: int | None = field(
+        default=None,
+        metadata={"help": "Number of leading completion tokens supervised when `supervision='fixed_prefix'`."},
+    )
+    release_seed: int | None = field(
+        default=None,
+        metadata={"help": "Seed for `random_release` and `token_score='random'`. Defaults to `seed`."},
+    )
+    loss_type: str = field(
+        default="advantage",
+        metadata={
+            "help": "'advantage': sampled-token OPD loss -sum(w * sg(log pT - log pS) * log pS) / N. 'parent': the "
+            "parent trainer's generalized JSD (`beta`) weighted per token by the supervision weights."
+        },
+    )
+    signal_chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "Completion positions per vocabulary projection chunk (default: ~64M logits per chunk)."},
+    )
+    token_score: str = field(
+        default="teachability",
+        metadata={"help": f"Token score for `supervision='token_teachability'`. One of: {', '.join(TOKEN_SCORES)}."},
+    )
+    token_keep_ratio: float = field(
+        default=0.05,
+        metadata={"help": "Fraction of the batch's completion tokens kept by `token_teachability`, in (0, 1]."},
+    )
+    token_top_k: int = field(
+        default=16,
+        metadata={"help": "Support size K of the TA-OPD token features (>= 1)."},
+    )
+    token_min_keep: int = field(
+        default=1,
+        metadata={"help": "Tokens kept at least per trajectory by `token_teachability` (>= 0)."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        _choice("supervision", self.supervision, SUPERVISIONS)
+        _choice("segmentation", self.segmentation, SEGMENTATIONS)
+        _choice("loss_type", self.loss_type, LOSS_TYPES)
+        _choice("token_score", self.token_score, TOKEN_SCORES)
+        if self.release_top_k < 2:
+            raise ValueError(f"`release_top_k` must be >= 2 (the margin compares the top two); got {self.release_top_k}.")
+        if self.segment_window < 1:
+            raise ValueError(f"`segment_window` must be >= 1; got {self.segment_window}.")
+        if self.supervision == "fixed_prefix" and (self.fixed_prefix_length is None or self.fixed_prefix_length <= 0):
+            raise ValueError(
+                "`fixed_prefix_length` must be a positive number of tokens when `supervision='fixed_prefix'`; "
+                f"got {self.fixed_prefix_length}."
+            )
+        if self.signal_chunk_size is not None and self.signal_chunk_size < 1:
+            raise ValueError(f"`signal_chunk_size` must be >= 1; got {self.signal_chunk_size}.")
+        if not 0.0 < self.token_keep_ratio <= 1.0:
+            raise ValueError(f"`token_keep_ratio` must be in (0, 1]; got {self.token_keep_ratio}.")
+        if self.token_top_k < 1:
+            raise ValueError(f"`token_top_k` must be >= 1; got {self.token_top_k}.")
+        if self.token_min_keep < 0:
+            raise ValueError(f"`token_min_keep` must be >= 0; got {self.token_min_keep}.")
+        if self.release_seed is None:
+            self.release_seed = self.seed

@@ -1,0 +1,270 @@
+"""`TeachabilityGKDTrainer`: `trl.DistillationTrainer` with the sampled-token OPD loss and teachability-aware weights."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import textwrap
+import warnings
+
+import torch
+import trl.trainer.distillation_trainer as _distillation
+from transformers import AutoConfig, AutoTokenizer, ProcessorMixin
+from trl import DistillationTrainer
+from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+from .config import MARGIN_POLICIES, SUPERVISIONS, TeachabilityGKDConfig
+from .segmentation import segment_completions
+from .signals import OutputHead, SignalsError, signals_from_hidden
+from .supervision import reduce_stats, supervision_stats, supervision_weights
+
+class TeachabilityGKDTrainer(DistillationTrainer):
+    """On-policy distillation that supervises only where the teacher is still teachable.
+
+    A drop-in replacement for `trl.DistillationTrainer` (same constructor, same generation, LoRA, accelerate, vLLM
+    paths). The student samples completions; both models score them; the loss is the sampled-token OPD loss
+
+        L = -sum_{b,t} w_bt * stopgrad(log pT(y_bt) - log pS(y_bt)) * log pS(y_bt) / N
+
+    with `N` the completion tokens of the global batch (gradient-accumulation aware, as in the parent) and `w` the
+    weights of `args.supervision` (`trl_ltc.supervision`). With `supervision="full"` its gradient is the
+    score-function gradient of the per-token reverse KL estimator `sum(log pS(y) - log pT(y)) / N`. With
+    `loss_type="parent"` the parent's generalized JSD is weighted per token by `w` instead.
+
+    Args:
+        model, teacher_model, args, train_dataset, eval_dataset, processing_class, callbacks, optimizers,
+        quantization_config, peft_config, tools: as in `trl.DistillationTrainer`; `args` is a
+            `TeachabilityGKDConfig`.
+        teacher_processing_class (*optional*): the teacher's tokenizer, to check token by token that the two
+            vocabularies agree (loaded from the teacher's local directory when not given and available).
+
+    Metrics (logged every `logging_steps`, summed over processes): `release/accepted_frac`,
+    `release/kept_token_frac`, `release/release_position`, `release/bic_gain`, `release/num_segments`,
+    `margin/prefix_mean`, `margin/suffix_mean`, `advantage/mean`, `advantage/std`, and `teachability/*` with
+    `supervision="token_teachability"`.
+    """
+
+    _tag_names = ["trl", "distillation", "trl-ltc"]
+    _name = "TeachabilityGKD"
+    _paper = {
+        "title": "Prefix Teach, Suffix Fade: Local Teachability Collapse in Strong-to-Weak On-Policy Distillation",
+        "id": "2605.13643",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @article{prefixteach2026,
+                title   = {{Prefix Teach, Suffix Fade: Local Teachability Collapse in Strong-to-Weak On-Policy Distillation}},
+                journal = {arXiv preprint arXiv:2605.13643},
+                year    = 2026,
+            }"""),
+    }
+
+    def __init__(
+        self,
+        model,
+        teacher_model=None,
+        args: TeachabilityGKDConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+        tools=None,
+        teacher_processing_class=None,
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = TeachabilityGKDConfig(f"{str(name).rstrip('/').split('/')[-1]}-TeachabilityGKD")
+        elif not isinstance(args, TeachabilityGKDConfig):
+            raise TypeError(
+                f"`args` must be a `TeachabilityGKDConfig`, got {type(args).__name__}. Build one with the same "
+                "fields: `TeachabilityGKDConfig(output_dir=..., ...)`."
+            )
+        if teacher_model is None:
+            raise ValueError(_remote_teacher_message(args.supervision))
+        _check_vocabularies(model, teacher_model, processing_class, teacher_processing_class, args)
+        super().__init__(
+            model=model,
+            teacher_model=teacher_model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+            tools=tools,
+        )
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        for name in ("release_top_k", "token_top_k"):
+            if getattr(args, name) > vocab:
+                raise ValueError(f"`{name}` must be at most the vocabulary size {vocab}; got {getattr(args, name)}.")
+        self.release_generator = torch.Generator().manual_seed(args.release_seed + self.accelerator.process_index)
+        self._pending_stats = None
+        self._warned_empty = False
+
+    # The parent's `_compute_loss` prepares both models' hidden states, output heads and logit post-processing and
+    # hands them to `_chunked_divergence_loss`; the supervised loss takes that call over for one batch, so none of the
+    # preparation (multimodal inputs, tool masks, device placement, FSDP/DeepSpeed routing) is duplicated here.
+    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+        with _replaced(_distillation, "_chunked_divergence_loss", functools.partial(self._supervised_loss, inputs)):
+            return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # Summed across processes here, after the wrapped forward returned (no collective inside it).
+        stats, self._pending_stats = self._pending_stats, None
+        names = sorted(stats)
+        local = torch.stack([torch.stack([s.float(), c.float()]) for s, c in (stats[n] for n in names)])
+        total = self.accelerator.gather(local[None]).sum(0).tolist()
+        mode = "train" if self.model.training else "eval"
+        for name, value in reduce_stats(dict(zip(names, map(tuple, total)))).items():
+            self._metrics[mode][name].append(value)
+        return output
+
+    def _supervised_loss(
+        self,
+        inputs,
+        student_hidden_states,
+        teacher_hidden_states,
+        student_lm_head_weight,
+        teacher_lm_head_weight,
+        completion_mask,
+        beta,
+        num_items_in_batch=None,
+        student_lm_head_bias=None,
+        teacher_lm_head_bias=None,
+        student_logit_scale=1.0,
+        teacher_logit_scale=1.0,
+        student_final_logit_softcapping=None,
+        teacher_final_logit_softcapping=None,
+        temperature=1.0,
+    ):
+        """The loss of one micro-batch; called with the arguments of the parent's `_chunked_divergence_loss`."""
+        args = self.args
+        loss_mask = completion_mask
+        student = OutputHead(
+            student_lm_head_weight, student_lm_head_bias, student_logit_scale, student_final_logit_softcapping
+        )
+        teacher = OutputHead(
+            teacher_lm_head_weight, teacher_lm_head_bias, teacher_logit_scale, teacher_final_logit_softcapping
+        )
+        parent_loss = args.loss_type == "parent"
+        with torch.no_grad() if parent_loss else contextlib.nullcontext():
+            try:
+                signals = signals_from_hidden(
+                    student_hidden_states,
+                    teacher_hidden_states,
+                    inputs["completion_ids"],
+                    loss_mask,
+                    student,
+                    teacher,
+                    top_k=args.release_top_k,
+                    temperature=temperature,
+                    chunk_size=args.signal_chunk_size,
+                    feature_k=args.token_top_k if args.supervision == "token_teachability" else None,
+                )
+            except SignalsError as error:
+                raise SignalsError(f"{error} Step {self.state.global_step}; no update was applied.") from error
+        # Every policy reports the change point of the batch (what `release` would keep), so segments are always built.
+        segment_ids = segment_completions(
+            inputs["completion_ids"], inputs["completion_mask"], self._tokenizer, args.segmentation, args.segment_window
+        ).to(loss_mask.device)
+        advantages = signals.advantages
+        supervision = supervision_weights(
+            args.supervision,
+            loss_mask,
+            segment_ids=segment_ids,
+            margins=signals.margins,
+            advantages=advantages,
+            features=signals.features,
+            fixed_prefix_length=args.fixed_prefix_length,
+            generator=self.release_generator,
+            token_score=args.token_score,
+            token_keep_ratio=args.token_keep_ratio,
+            token_min_keep=args.token_min_keep,
+        )
+        weights = supervision.weights.to(advantages.dtype)
+        if parent_loss:
+            valid = loss_mask.bool()
+            per_token, _ = ChunkedDivergenceFunction.apply(
+                student_hidden_states[valid], *student.materialized()[:2],
+                teacher_hidden_states[valid], *teacher.materialized()[:2],
+                beta, temperature, student.logit_scale, student.softcap, teacher.logit_scale, teacher.softcap,
+            )  # fmt: skip
+            weighted = (weights[valid] * per_token).sum()
+        else:
+            weighted = -(weights * advantages * signals.student_logprobs).sum()
+        n_valid = loss_mask.sum()
+        if n_valid == 0 and not self._warned_empty:
+            warnings.warn("A batch has no supervised completion tokens: its loss is 0 and it does not update the model.")
+            self._warned_empty = True
+        loss = weighted / (n_valid.clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+        self._pending_stats = supervision_stats(supervision, loss_mask, advantages, signals.margins, signals.features)
+        return loss, (signals.student_entropy * loss_mask).sum().detach(), n_valid
+
+
+@contextlib.contextmanager
+def _replaced(module, name: str, value):
+    original = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+def _remote_teacher_message(supervision: str) -> str:
+    local_only = [p for p in SUPERVISIONS if p in MARGIN_POLICIES]
+    remote_ok = [p for p in SUPERVISIONS if p not in MARGIN_POLICIES]
+    return (
+        f"TeachabilityGKDTrainer needs a local `teacher_model` (a model or a model id/path); got None. "
+        f"supervision={supervision!r} reads the teacher's logits on the student's candidates "
+        f"({', '.join(local_only)} all do); with a teacher served remotely only log pT(y) of the sampled tokens is "
+        f"available, which is enough for {', '.join(remote_ok)}."
+    )
+
+
+def _vocab_size(model, args) -> int:
+    if isinstance(model, str):
+        config = AutoConfig.from_pretrained(model, trust_remote_code=args.trust_remote_code)
+    else:
+        config = model.config
+    return config.get_text_config().vocab_size
+
+
+def _tokenizer_of(processing_class, model):
+    if isinstance(processing_class, ProcessorMixin):
+        return processing_class.tokenizer
+    if processing_class is not None:
+        return processing_class
+    path = model if isinstance(model, str) else getattr(model, "name_or_path", None)
+    if path and os.path.isdir(path):
+        try:
+            return AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def _check_vocabularies(model, teacher_model, processing_class, teacher_processing_class, args) -> None:
+    """Fail before anything is built when the student and the teacher do not share one vocabulary."""
+    student_size, teacher_size = _vocab_size(model, args), _vocab_size(teacher_model, args)
+    student_tok = _tokenizer_of(processing_class, None)
+    teacher_tok = _tokenizer_of(teacher_processing_class, teacher_model)
+    difference = ""
+    if student_tok is not None and teacher_tok is not None:
+        n = min(len(student_tok), len(teacher_tok))
+        s_tokens = student_tok.convert_ids_to_tokens(list(range(n)))
+        t_tokens = teacher_tok.convert_ids_to_tokens(list(range(n)))
+        first = next((i for i in range(n) if s_tokens[i] != t_tokens[i]), None)
+        if first is not None:
+            difference = f" The first differing token is id {first}: {s_tokens[first]!r} (student) vs {t_tokens[first]!r} (teacher)."
+    if student_size != teacher_size or difference:
+        raise ValueError(
+            f"The student and the teacher must share one vocabulary: the student has vocab_size {student_size}, the "
+            f"teacher {teacher_size}.{difference} OPD compares the two models' log-probabilities of the same token ids."
+        )
