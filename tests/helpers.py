@@ -25,7 +25,7 @@ CORPUS = [
 
 
 @functools.lru_cache(maxsize=None)
-def _tokenizer_json(vocab_size: int) -> str:
+def _tokenizer_json(vocab_size: int, corpus_seed: int) -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -37,17 +37,21 @@ def _tokenizer_json(vocab_size: int) -> str:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    corpus = CORPUS if corpus_seed == 0 else [text[::-1] for text in CORPUS]  # another corpus, other merges
+    tok.train_from_iterator(corpus * 4, trainer=trainer)
     return tok.to_str()
 
 
-def make_tokenizer(vocab_size: int = 400):
-    """A byte-level BPE ``PreTrainedTokenizerFast`` with a ChatML template, built without any download."""
+def make_tokenizer(vocab_size: int = 400, corpus_seed: int = 0):
+    """A byte-level BPE ``PreTrainedTokenizerFast`` with a ChatML template, built without any download.
+
+    ``corpus_seed`` other than 0 trains on another corpus: same size, different tokens.
+    """
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size)),
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size, corpus_seed)),
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         bos_token=None,

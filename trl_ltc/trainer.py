@@ -105,6 +105,7 @@ class TeachabilityGKDTrainer(DistillationTrainer):
         self.release_generator = torch.Generator().manual_seed(args.release_seed + self.accelerator.process_index)
         self._pending_stats = None
         self._warned_empty = False
+        self.last_supervision = None  # the `Supervision` of the latest micro-batch (weights, change point, scores)
 
     # The parent's `_compute_loss` prepares both models' hidden states, output heads and logit post-processing and
     # hands them to `_chunked_divergence_loss`; the supervised loss takes that call over for one batch, so none of the
@@ -203,6 +204,7 @@ class TeachabilityGKDTrainer(DistillationTrainer):
             warnings.warn("A batch has no supervised completion tokens: its loss is 0 and it does not update the model.")
             self._warned_empty = True
         loss = weighted / (n_valid.clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+        self.last_supervision = supervision
         self._pending_stats = supervision_stats(supervision, loss_mask, advantages, signals.margins, signals.features)
         return loss, (signals.student_entropy * loss_mask).sum().detach(), n_valid
 

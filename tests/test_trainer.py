@@ -1,0 +1,301 @@
+"""`TeachabilityGKDTrainer` end to end on tiny random models (CPU)."""
+
+import copy
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from helpers import make_model, make_tokenizer
+
+from trl_ltc import TeachabilityGKDConfig, TeachabilityGKDTrainer
+from trl_ltc.config import SUPERVISIONS
+from trl_ltc.signals import SignalsError
+
+METRICS = (
+    "release/accepted_frac",
+    "release/kept_token_frac",
+    "release/release_position",
+    "release/bic_gain",
+    "release/num_segments",
+    "margin/prefix_mean",
+    "margin/suffix_mean",
+    "advantage/mean",
+    "advantage/std",
+)
+TEACHABILITY_METRICS = (
+    "teachability/kept_token_frac",
+    "teachability/compatibility_mean",
+    "teachability/disagreement_mean",
+    "teachability/kept_compatibility_mean",
+    "teachability/kept_position",
+)
+
+
+def _prompts(n=8):
+    return Dataset.from_dict(
+        {"prompt": [[{"role": "user", "content": f"Tom has {i} apples. How many are left?"}] for i in range(n)]}
+    )
+
+
+def _config(tmp_path, **overrides):
+    kwargs = dict(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_completion_length=16,
+        report_to="none",
+        logging_steps=1,
+        bf16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        learning_rate=1e-3,
+        save_strategy="no",
+        segmentation="fixed",
+        segment_window=3,
+        fixed_prefix_length=5,
+    )
+    kwargs.update(overrides)
+    return TeachabilityGKDConfig(**kwargs)
+
+
+def _trainer(tmp_path, tokenizer, student=None, teacher=None, **overrides):
+    vocab = len(tokenizer)
+    return TeachabilityGKDTrainer(
+        model=student if student is not None else make_model(vocab, seed=1),
+        teacher_model=teacher if teacher is not None else make_model(vocab, seed=2),
+        args=_config(tmp_path, **overrides),
+        train_dataset=_prompts(),
+        processing_class=tokenizer,
+    )
+
+
+@pytest.mark.parametrize("policy", SUPERVISIONS)
+def test_every_policy_trains_two_steps(tmp_path, tokenizer, policy):
+    trainer = _trainer(tmp_path, tokenizer, supervision=policy, token_keep_ratio=0.3)
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs) == 2
+    for log in logs:
+        assert math.isfinite(log["loss"])
+        for name in METRICS + (TEACHABILITY_METRICS if policy == "token_teachability" else ()):
+            assert name in log, name
+            if name == "margin/suffix_mean" and log["release/kept_token_frac"] == 1:
+                assert log[name] is None  # nothing released: no mean to report
+            else:
+                assert math.isfinite(log[name]), name
+        assert 0 < log["release/kept_token_frac"] <= 1
+    if policy == "full":
+        assert all(log["release/kept_token_frac"] == 1 for log in logs)
+
+
+def _fixed_batch(tokenizer, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    V, pad = len(tokenizer), tokenizer.pad_token_id
+    prompt_ids = torch.randint(3, V, (4, 5), generator=g)
+    prompt_mask = torch.ones_like(prompt_ids)
+    prompt_ids[1, :2], prompt_mask[1, :2] = pad, 0
+    completion_ids = torch.randint(3, V, (4, 12), generator=g)
+    completion_mask = torch.ones_like(completion_ids)
+    for b, length in enumerate((12, 7, 10, 0)):  # ragged, and one empty completion
+        completion_ids[b, length:], completion_mask[b, length:] = pad, 0
+    return {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "num_items_in_batch": completion_mask.sum(),
+    }
+
+
+def _naive_logprobs(model, inputs, temperature=1.0):
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    P = inputs["prompt_ids"].shape[1]
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, P - 1 : -1].double() / temperature
+    return logits.log_softmax(-1).gather(-1, inputs["completion_ids"][..., None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("policy", SUPERVISIONS)
+def test_loss_gradient_is_the_weighted_advantage_gradient(tmp_path, tokenizer, policy):
+    trainer = _trainer(tmp_path, tokenizer, supervision=policy, token_keep_ratio=0.3, temperature=0.9)
+    model = trainer.model.train()
+    inputs = _fixed_batch(tokenizer)
+    loss = trainer.compute_loss(model, inputs)
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    weights = trainer.last_supervision.weights.double()
+    model.zero_grad()
+
+    mask = inputs["completion_mask"].double()
+    student_lp = _naive_logprobs(model, inputs, 0.9)
+    with torch.no_grad():
+        teacher_lp = _naive_logprobs(trainer.teacher_model, inputs, 0.9)
+    advantage = (teacher_lp - student_lp).detach()
+    naive = -(weights * advantage * student_lp * mask).sum() / mask.sum()
+    torch.testing.assert_close(loss.double(), naive, atol=1e-5, rtol=1e-4)
+    naive.backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(got[name].double(), param.grad.double(), atol=1e-6, rtol=1e-4, msg=name)
+    if policy == "full":
+        # The score-function gradient of the per-token reverse-KL estimator sum(log pS - log pT) / N.
+        model.zero_grad()
+        student_lp = _naive_logprobs(model, inputs, 0.9)
+        ((student_lp - teacher_lp).detach() * student_lp * mask).sum().div(mask.sum()).backward()
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(got[name].double(), param.grad.double(), atol=1e-6, rtol=1e-4, msg=name)
+    assert (weights[inputs["completion_mask"] == 0] == 0).all()
+
+
+def test_parent_loss_type_weights_the_parent_divergence(tmp_path, tokenizer):
+    trainer = _trainer(tmp_path, tokenizer, supervision="fixed_prefix", loss_type="parent", beta=1.0)
+    model = trainer.model.train()
+    inputs = _fixed_batch(tokenizer, seed=1)
+    loss = trainer.compute_loss(model, inputs)
+    weights = trainer.last_supervision.weights.double()
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    attn = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    P = inputs["prompt_ids"].shape[1]
+    with torch.no_grad():
+        s = model(input_ids=ids, attention_mask=attn).logits[:, P - 1 : -1].double().log_softmax(-1)
+        t = trainer.teacher_model(input_ids=ids, attention_mask=attn).logits[:, P - 1 : -1].double().log_softmax(-1)
+    reverse_kl = (s.exp() * (s - t)).sum(-1)
+    mask = inputs["completion_mask"].double()
+    torch.testing.assert_close(loss.double(), (weights * reverse_kl * mask).sum() / mask.sum(), atol=1e-5, rtol=1e-4)
+
+
+def _fixed_completions(trainer):
+    """Make generation deterministic: each prompt gets a completion derived from its own token ids."""
+
+    def generate(prompt_ids, images, multimodal_fields, has_tool_images=False):
+        V = len(trainer.processing_class)
+        return [[(7 * sum(ids) + 13 * i) % (V - 3) + 3 for i in range(3 + sum(ids) % 9)] for ids in prompt_ids]
+
+    trainer._generate_single_turn = generate
+
+
+def test_gradient_accumulation_equivalence(tmp_path, tokenizer):
+    V = len(tokenizer)
+    student, teacher = make_model(V, seed=1), make_model(V, seed=2)
+    params = {}
+    for batch, accumulation in ((4, 1), (2, 2), (1, 4)):
+        trainer = _trainer(
+            tmp_path / f"{batch}x{accumulation}",
+            tokenizer,
+            student=copy.deepcopy(student),
+            teacher=teacher,
+            supervision="release",
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            max_steps=1,
+            optim="sgd",
+            learning_rate=0.5,
+            lr_scheduler_type="constant",
+            max_grad_norm=0.0,
+        )
+        _fixed_completions(trainer)
+        trainer.train()
+        params[(batch, accumulation)] = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    reference = params[(4, 1)]
+    moved = any(not torch.equal(reference[n], p) for n, p in student.named_parameters())
+    assert moved
+    for key in ((2, 2), (1, 4)):
+        for name, value in params[key].items():
+            torch.testing.assert_close(value, reference[name], atol=1e-6, rtol=1e-5, msg=f"{key} {name}")
+
+
+def test_lora_trains_only_adapters(tmp_path, tokenizer):
+    from peft import LoraConfig
+
+    V = len(tokenizer)
+    base = make_model(V, seed=1)
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    trainer = TeachabilityGKDTrainer(
+        model=base,
+        teacher_model=make_model(V, seed=1),  # the base model itself as the teacher
+        args=_config(tmp_path, supervision="release", learning_rate=1e-2),
+        train_dataset=_prompts(),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+    )
+    trainer.train()
+    lora_moved = False
+    for name, param in trainer.model.named_parameters():
+        if "lora_" in name:
+            assert param.requires_grad
+            lora_moved |= bool((param.detach() != 0).any()) and "lora_B" in name
+        else:
+            assert not param.requires_grad
+            base_name = name.replace("base_model.model.", "").replace(".base_layer", "")
+            torch.testing.assert_close(param.detach(), before[base_name], msg=name)
+    assert lora_moved
+
+
+def test_random_release_is_reproducible(tmp_path, tokenizer):
+    runs = []
+    for run in range(2):
+        trainer = _trainer(tmp_path / str(run), tokenizer, supervision="random_release", release_seed=123)
+        model = trainer.model.train()
+        trainer.compute_loss(model, _fixed_batch(tokenizer, seed=2))
+        runs.append(trainer.last_supervision.weights)
+    torch.testing.assert_close(runs[0], runs[1])
+
+
+def test_guards(tmp_path, tokenizer):
+    V = len(tokenizer)
+    with pytest.raises(ValueError, match=r"vocab_size 400.*401"):
+        _trainer(tmp_path, tokenizer, teacher=make_model(V + 1, seed=2))
+    other = make_tokenizer(vocab_size=V, corpus_seed=1)
+    with pytest.raises(ValueError, match="first differing token is id"):
+        TeachabilityGKDTrainer(
+            model=make_model(V, seed=1),
+            teacher_model=make_model(V, seed=2),
+            args=_config(tmp_path),
+            train_dataset=_prompts(),
+            processing_class=tokenizer,
+            teacher_processing_class=other,
+        )
+    with pytest.raises(ValueError, match=r"local `teacher_model`.*full, fixed_prefix, adv_std_release"):
+        TeachabilityGKDTrainer(model=make_model(V), args=_config(tmp_path), train_dataset=_prompts(),
+                               processing_class=tokenizer)  # fmt: skip
+    with pytest.raises(ValueError, match="release_top_k"):
+        _trainer(tmp_path, tokenizer, release_top_k=V + 1)
+    with pytest.raises(TypeError, match="TeachabilityGKDConfig"):
+        from trl import DistillationConfig
+
+        TeachabilityGKDTrainer(model=make_model(V), teacher_model=make_model(V), train_dataset=_prompts(),
+                               args=DistillationConfig(str(tmp_path), use_cpu=True), processing_class=tokenizer)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"supervision": "prefix"}, "supervision"),
+        ({"segmentation": "spacy"}, "segmentation"),
+        ({"loss_type": "jsd"}, "loss_type"),
+        ({"release_top_k": 1}, "release_top_k"),
+        ({"supervision": "fixed_prefix", "fixed_prefix_length": 0}, "fixed_prefix_length"),
+        ({"supervision": "fixed_prefix", "fixed_prefix_length": None}, "fixed_prefix_length"),
+        ({"segment_window": 0}, "segment_window"),
+        ({"token_keep_ratio": 0.0}, "token_keep_ratio"),
+        ({"token_score": "loss"}, "token_score"),
+        ({"token_top_k": 0}, "token_top_k"),
+    ],
+)
+def test_config_errors_name_the_field(tmp_path, overrides, field):
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        _config(tmp_path, **overrides)
+
+
+def test_non_finite_teacher_logits_stop_before_the_update(tmp_path, tokenizer):
+    V = len(tokenizer)
+    teacher = make_model(V, seed=2)
+    with torch.no_grad():
+        teacher.lm_head.weight[5, 0] = float("nan")
+    trainer = _trainer(tmp_path, tokenizer, teacher=teacher)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    with pytest.raises(SignalsError, match=r"teacher model .* Step 0"):
+        trainer.train()
+    for name, param in trainer.model.named_parameters():
+        assert torch.equal(param.detach(), before[name]), name
