@@ -1,0 +1,271 @@
+"""The release rule of "Prefix Teach, Suffix Fade" as pure tensor math (DESIGN.md, formulas 4-7).
+
+One batch goes through four steps::
+
+    margins = teacher_margin(student_logits, teacher_logits, k)         # [B, T]              formula 4
+    scores, num_segments = segment_scores(margins, segment_ids)         # [B, S_max], [B]     formula 5
+    change_point = bic_change_point(scores, num_segments)               # ChangePoint         formula 6
+    weights = release_weights(segment_ids, loss_mask, change_point)     # [B, T]              formula 7
+
+Every function is batched and vectorised (no Python loop over trajectories, tokens or candidate change
+points), runs on whatever device its inputs live on, and needs nothing but torch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "LOG_PROB_FLOOR",
+    "ChangePoint",
+    "bic_change_point",
+    "mass_preserving_weights",
+    "release_weights",
+    "segment_scores",
+    "support_margin",
+    "teacher_margin",
+]
+
+LOG_PROB_FLOOR = math.log(1e-12)
+"""Teacher log-probs are floored here (formula 4), so masked (``-inf``) tokens still give finite margins."""
+
+_BIC_EPS = 1e-12  # the ``+ 1e-12`` inside the BIC's log (formula 6)
+_TIE_RTOL = 1e-10  # candidate RSS within this fraction of the row's sum of squares count as tied
+_MIN_KEPT_MASS = 1e-8  # denominator floor of the mass-preserving rescale (formula 7)
+
+
+def _float_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (half-precision inputs are computed in float32)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------- formula 4
+
+
+def support_margin(teacher_logprobs: Tensor, support: Tensor) -> Tensor:
+    """Teacher margin on a given support: the gap between the teacher's two best tokens inside ``support``.
+
+    ``M = log pT(a1) - log pT(a2)`` where ``a1, a2`` are the teacher's two most likely tokens of the support
+    and log-probs are floored at ``log(1e-12)`` first. This is the one implementation of the margin: both
+    :func:`teacher_margin` and chunked callers that compute the teacher log-softmax themselves use it.
+
+    Args:
+        teacher_logprobs: ``[..., V]`` teacher log-probs over the full vocabulary (already tempered).
+        support: ``[..., k]`` long, the student's top-k token ids at each position, ``k >= 2``.
+
+    Returns:
+        ``[...]`` margins, ``>= 0``, in float32 (float64 if ``teacher_logprobs`` is float64).
+    """
+    if support.shape[-1] < 2:
+        raise ValueError(f"support must hold at least 2 tokens per position (k >= 2); got k={support.shape[-1]}")
+    logprobs = teacher_logprobs.gather(-1, support).to(_float_dtype(teacher_logprobs))
+    top2 = logprobs.clamp_min(LOG_PROB_FLOOR).topk(2, dim=-1).values
+    return top2[..., 0] - top2[..., 1]
+
+
+def teacher_margin(student_logits: Tensor, teacher_logits: Tensor, k: int, temperature: float = 1.0) -> Tensor:
+    """Teacher margin on the student's top-k support (formula 4).
+
+    ``C = topK(pS)``; ``M = log pT(a1) - log pT(a2)`` for the teacher's best two tokens inside ``C``, with the
+    teacher log-softmax taken over the full vocabulary at ``temperature`` and floored at ``log(1e-12)``. The
+    sampled token plays no role. Dividing the student logits by a positive temperature does not change their
+    top-k, so the student side is ranked on the raw logits.
+
+    Args:
+        student_logits: ``[..., V]`` (fp32/bf16/fp16/fp64; any leading shape, including empty ones).
+        teacher_logits: ``[..., V]``, same shape; ``-inf`` entries (masked vocabulary) are allowed.
+        k: support size, ``2 <= k <= V``.
+        temperature: sampling temperature ``> 0``.
+
+    Returns:
+        ``[...]`` margins in float32 (float64 if either input is float64).
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            "student_logits and teacher_logits must have the same shape; "
+            f"got {tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+    vocab_size = student_logits.shape[-1]
+    if not 2 <= k <= vocab_size:
+        raise ValueError(f"k must be in [2, V] with V={vocab_size}; got k={k}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0; got {temperature}")
+    dtype = _float_dtype(student_logits, teacher_logits)
+    support = student_logits.to(dtype).topk(k, dim=-1).indices
+    teacher_logprobs = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+    return support_margin(teacher_logprobs, support)
+
+
+# ----------------------------------------------------------------------------------------------- formula 5
+
+
+def segment_scores(margins: Tensor, segment_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-segment scores ``S_i = log(1 + mean_{t in segment i} M_t)`` (formula 5).
+
+    Args:
+        margins: ``[B, T]`` per-token margins (values at tokens with segment id ``-1`` are ignored, even NaN).
+        segment_ids: ``[B, T]`` integer, ``0..n_b-1`` on completion tokens, ``-1`` elsewhere. Ids are assumed
+            contiguous; an id without tokens would get score 0.
+
+    Returns:
+        ``scores``: ``[B, S_max]`` float32 (float64 for float64 margins) with ``S_max = max_b n_b`` (0 when no
+        row has a segment, giving a ``[B, 0]`` tensor); columns ``>= num_segments[b]`` are 0 and meaningless.
+        ``num_segments``: ``[B]`` long, ``n_b = max id + 1`` (0 for rows without completion tokens).
+    """
+    if margins.shape != segment_ids.shape or margins.ndim != 2:
+        raise ValueError(
+            "margins and segment_ids must both be [B, T]; "
+            f"got {tuple(margins.shape)} and {tuple(segment_ids.shape)}"
+        )
+    segment_ids = segment_ids.long()
+    batch, length = segment_ids.shape
+    if length:
+        num_segments = (segment_ids.amax(dim=1) + 1).clamp_min(0)
+    else:
+        num_segments = segment_ids.new_zeros(batch)
+    max_segments = int(num_segments.max()) if batch else 0
+
+    dtype = _float_dtype(margins)
+    valid = segment_ids >= 0
+    column = torch.where(valid, segment_ids, max_segments)  # non-completion tokens go to a spare last column
+    values = torch.where(valid, margins.to(dtype), 0.0)
+    sums = values.new_zeros(batch, max_segments + 1).scatter_add_(1, column, values)
+    counts = values.new_zeros(batch, max_segments + 1).scatter_add_(1, column, valid.to(dtype))
+    means = sums[:, :max_segments] / counts[:, :max_segments].clamp_min(1.0)
+    return torch.log1p(means), num_segments
+
+
+# ----------------------------------------------------------------------------------------------- formula 6
+
+
+class ChangePoint(NamedTuple):
+    """Result of :func:`bic_change_point`, one entry per trajectory."""
+
+    release_segment: Tensor
+    """``[B]`` long: number of leading segments kept (``tau`` if accepted, else ``num_segments``)."""
+    accepted: Tensor
+    """``[B]`` bool: whether the one-drop model beats the no-change model."""
+    bic_gain: Tensor
+    """``[B]`` float: ``max(0, BIC0 - BIC_best)``; positive exactly when ``accepted``."""
+
+
+def bic_change_point(scores: Tensor, num_segments: Tensor) -> ChangePoint:
+    """Profiled RSS-BIC test for one downward drop in each trajectory's segment scores (formula 6).
+
+    For the ``n = num_segments[b]`` leading scores ``x_0..x_{n-1}`` of a row::
+
+        BIC(rss, k) = n * log((rss + 1e-12) / n) + k * log(n)
+        BIC0        = BIC(RSS of one mean, k=1)
+        BIC(tau)    = BIC(RSS of mean(x[:tau]) and mean(x[tau:]), k=3),   tau in 1..n-1,
+
+    where only *downward* candidates (right mean strictly below left mean) compete. The candidate with the
+    lowest BIC wins; ties go to the earliest ``tau`` (RSS values within ``1e-10 * sum((x - x_0)^2)`` of the
+    minimum, far above float64 round-off, count as tied). The drop is accepted iff ``BIC(tau) < BIC0``;
+    ``n < 2`` or no downward candidate is never accepted.
+
+    All candidates of all rows are scored at once from float64 prefix sums of ``x`` and ``x^2`` (after
+    shifting each row by its first score to limit cancellation; round-off negatives are clamped to 0):
+    ``O(S)`` work per trajectory, no Python loop.
+
+    Args:
+        scores: ``[B, S]`` segment scores; columns ``>= num_segments[b]`` are ignored.
+        num_segments: ``[B]`` integer, each ``<= S``.
+
+    Returns:
+        :class:`ChangePoint`. ``release_segment = tau`` if accepted else ``n``; ``bic_gain = BIC0 - BIC(tau)``
+        if accepted else 0, in float32 (float64 for float64 scores).
+    """
+    if scores.ndim != 2 or num_segments.shape != scores.shape[:1]:
+        raise ValueError(
+            f"scores must be [B, S] and num_segments [B]; got {tuple(scores.shape)} and {tuple(num_segments.shape)}"
+        )
+    batch, max_segments = scores.shape
+    n = num_segments.to(device=scores.device, dtype=torch.long)
+    if max_segments < 2:  # no row can have two segments
+        never = n.new_zeros(batch, dtype=torch.bool)
+        return ChangePoint(n.clone(), never, scores.new_zeros(batch, dtype=_float_dtype(scores)))
+
+    positions = torch.arange(max_segments, device=scores.device)
+    x = scores.to(torch.float64)
+    x = torch.where(positions < n[:, None], x - x[:, :1], 0.0)  # shift, and zero the padding
+    zero = x.new_zeros(batch, 1)
+    prefix1 = torch.cat([zero, x.cumsum(dim=1)], dim=1)  # prefix1[:, tau] = sum(x[:tau])
+    prefix2 = torch.cat([zero, (x * x).cumsum(dim=1)], dim=1)
+    total1, total2 = prefix1[:, -1:], prefix2[:, -1:]  # padding is 0, so these are the row totals
+    count = n.to(torch.float64)[:, None].clamp_min(1.0)
+
+    def rss(sum1: Tensor, sum2: Tensor, size: Tensor) -> Tensor:
+        return (sum2 - sum1 * sum1 / size).clamp_min(0.0)
+
+    def bic(residual: Tensor, num_params: int) -> Tensor:
+        return count * torch.log((residual + _BIC_EPS) / count) + num_params * torch.log(count)
+
+    tau = positions[1:].to(torch.float64)  # candidates 1..S-1, [S-1]
+    left1, left2 = prefix1[:, 1:max_segments], prefix2[:, 1:max_segments]
+    right1, right2 = total1 - left1, total2 - left2
+    right_size = (count - tau).clamp_min(1.0)
+    candidate_rss = rss(left1, left2, tau) + rss(right1, right2, right_size)
+    downward = (tau < n[:, None]) & (right1 / right_size < left1 / tau)
+    candidate_rss = torch.where(downward, candidate_rss, torch.inf)
+
+    min_rss = candidate_rss.amin(dim=1, keepdim=True)
+    tied = candidate_rss <= min_rss + _TIE_RTOL * total2
+    best = torch.where(tied, positions[1:], max_segments).amin(dim=1, keepdim=True)  # earliest tied tau
+    best_rss = candidate_rss.gather(1, best - 1)  # inf when there is no downward candidate
+
+    gain = (bic(rss(total1, total2, count), 1) - bic(best_rss, 3)).squeeze(1)  # -inf without a candidate
+    accepted = gain > 0
+    return ChangePoint(
+        release_segment=torch.where(accepted, best.squeeze(1), n),
+        accepted=accepted,
+        bic_gain=torch.where(accepted, gain, 0.0).to(_float_dtype(scores)),
+    )
+
+
+# ----------------------------------------------------------------------------------------------- formula 7
+
+
+def mass_preserving_weights(keep: Tensor, loss_mask: Tensor) -> Tensor:
+    """Keep the ``keep`` tokens of each trajectory and rescale them to the trajectory's full mass.
+
+    ``scale = sum_t loss_mask_t / max(sum_t loss_mask_t * keep_t, 1e-8)`` and
+    ``w_t = loss_mask_t * keep_t * scale``, per row (the last dimension). Every supervision policy that
+    drops tokens (release, fixed prefix, ...) uses this same rescale. Rows with an all-zero loss mask, or
+    nothing kept, get zero weights (never NaN/inf).
+
+    Args:
+        keep: ``[..., T]`` bool/0-1 mask of the tokens to keep.
+        loss_mask: ``[..., T]`` 0/1 (or non-negative float) completion mask.
+
+    Returns:
+        ``[..., T]`` weights in float32 (float64 for a float64 loss mask).
+    """
+    mask = loss_mask.to(_float_dtype(loss_mask))
+    kept = mask * keep.to(mask.dtype)
+    scale = mask.sum(dim=-1, keepdim=True) / kept.sum(dim=-1, keepdim=True).clamp_min(_MIN_KEPT_MASS)
+    return kept * scale
+
+
+def release_weights(segment_ids: Tensor, loss_mask: Tensor, change_point: ChangePoint) -> Tensor:
+    """Release weights (formula 7): keep segments ``0..release_segment-1``, drop the rest, preserve mass.
+
+    ``q_t = 1`` iff ``0 <= segment_ids_t < release_segment``, so tokens with segment id ``-1`` are never kept;
+    then ``w = loss_mask * q * sum(loss_mask) / max(sum(loss_mask * q), 1e-8)`` per trajectory
+    (:func:`mass_preserving_weights`). When the release is not accepted every segmented token is kept and
+    ``w == loss_mask``.
+
+    Args:
+        segment_ids: ``[B, T]`` integer, as for :func:`segment_scores`.
+        loss_mask: ``[B, T]`` completion mask.
+        change_point: from :func:`bic_change_point` (only ``release_segment`` is used).
+
+    Returns:
+        ``[B, T]`` float32 weights (float64 for a float64 loss mask).
+    """
+    release = change_point.release_segment.to(segment_ids.device)[:, None]
+    keep = (segment_ids >= 0) & (segment_ids < release)
+    return mass_preserving_weights(keep, loss_mask)
