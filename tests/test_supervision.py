@@ -160,3 +160,27 @@ def test_stats_and_reduction_by_hand():
     assert out["advantage/std"] == pytest.approx(a.std(unbiased=False).item(), rel=1e-5)
     assert "advantage/sq_mean" not in out
     assert math.isnan(reduce_stats({"margin/suffix_mean": (0.0, 0.0)})["margin/suffix_mean"])
+
+
+def test_teacher_mass_off_the_student_support_is_not_selected():
+    """TA-OPD: disagreement on the student's support is teachable; mass on a token the student ignores is not."""
+    V = H = 8
+    head = OutputHead(torch.eye(V, H))
+    T = 30
+    g = torch.Generator().manual_seed(0)
+    student_hidden = torch.zeros(1, T, H)
+    student_hidden[0, :, 0], student_hidden[0, :, 1] = 5.0, 4.0  # support {0, 1} with K = 2
+    teacher_hidden = student_hidden.clone()  # positions 20-29 agree with the student
+    teacher_hidden[0, :10, 1] = 7.0 + torch.rand(10, generator=g)  # prefers token 1: on the support
+    teacher_hidden[0, 10:20, 7] = 14.0 + torch.rand(10, generator=g)  # prefers token 7: off the support
+    mask = torch.ones(1, T)
+    targets = torch.zeros(1, T, dtype=torch.long)
+    signals = signals_from_hidden(student_hidden, teacher_hidden, targets, mask, head, head, None, feature_k=2)
+    compatibility = signals.features.compatibility[0]
+    assert (compatibility[10:20] < 1e-3).all() and (compatibility[:10] > 0.99).all()
+    sup = supervision_weights(
+        "token_teachability", mask, features=signals.features, token_keep_ratio=1 / 3, token_min_keep=0
+    )
+    kept = sup.weights[0] > 0
+    assert kept[:10].all() and not kept[10:].any()
+    torch.testing.assert_close(sup.weights[0, :10], torch.full((10,), 3.0))

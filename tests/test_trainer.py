@@ -242,6 +242,29 @@ def test_random_release_is_reproducible(tmp_path, tokenizer):
     torch.testing.assert_close(runs[0], runs[1])
 
 
+def test_release_generator_is_checkpointed(tmp_path, tokenizer):
+    trainer = _trainer(tmp_path, tokenizer, supervision="random_release")
+    torch.randperm(5, generator=trainer.release_generator)
+    saved = trainer.release_generator.get_state()
+    trainer._save_rng_state(str(tmp_path))
+    torch.randperm(5, generator=trainer.release_generator)
+    assert not torch.equal(trainer.release_generator.get_state(), saved)
+    trainer._load_rng_state(str(tmp_path))
+    assert torch.equal(trainer.release_generator.get_state(), saved)
+
+
+@pytest.mark.parametrize("score", ["teachability", "tip", "entropy", "divergence", "random"])
+def test_token_teachability_scores_train(tmp_path, tokenizer, score):
+    trainer = _trainer(tmp_path, tokenizer, supervision="token_teachability", token_score=score, token_keep_ratio=0.2)
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs) == 2 and all(math.isfinite(log["loss"]) for log in logs)
+    for log in logs:
+        # ceil(0.2 N) kept out of N, plus at least one per trajectory
+        assert 0.2 <= log["teachability/kept_token_frac"] <= 0.5
+        assert log["teachability/kept_token_frac"] == log["release/kept_token_frac"]
+
+
 def test_guards(tmp_path, tokenizer):
     V = len(tokenizer)
     with pytest.raises(ValueError, match=r"vocab_size 400.*401"):

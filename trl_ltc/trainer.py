@@ -107,6 +107,16 @@ class TeachabilityGKDTrainer(DistillationTrainer):
         self._warned_empty = False
         self.last_supervision = None  # the `Supervision` of the latest micro-batch (weights, change point, scores)
 
+    def _save_rng_state(self, output_dir: str) -> None:
+        # Checkpoints carry the `random_release` / random token-score generator, so a resumed run draws the same.
+        super()._save_rng_state(output_dir)
+        torch.save(self.release_generator.get_state(), _release_rng_file(output_dir, self.args.process_index))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        if checkpoint is not None and os.path.isfile(path := _release_rng_file(checkpoint, self.args.process_index)):
+            self.release_generator.set_state(torch.load(path))
+
     # The parent's `_compute_loss` prepares both models' hidden states, output heads and logit post-processing and
     # hands them to `_chunked_divergence_loss`; the supervised loss takes that call over for one batch, so none of the
     # preparation (multimodal inputs, tool masks, device placement, FSDP/DeepSpeed routing) is duplicated here.
@@ -207,6 +217,10 @@ class TeachabilityGKDTrainer(DistillationTrainer):
         self.last_supervision = supervision
         self._pending_stats = supervision_stats(supervision, loss_mask, advantages, signals.margins, signals.features)
         return loss, (signals.student_entropy * loss_mask).sum().detach(), n_valid
+
+
+def _release_rng_file(directory: str, process_index: int) -> str:
+    return os.path.join(directory, f"release_rng_state_{process_index}.pth")
 
 
 @contextlib.contextmanager
