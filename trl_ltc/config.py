@@ -53,7 +53,10 @@ class TeachabilityGKDConfig(DistillationConfig):
 
     supervision: str = field(
         default="release",
-        metadata={"help": f"Where the OPD supervision goes. One of: {', '.join(SUPERVISIONS)}."},
+        metadata={
+            "help": f"Where the OPD supervision goes. One of: {', '.join(SUPERVISIONS)}.",
+            "choices": SUPERVISIONS,
+        },
     )
     release_top_k: int = field(
         default=10,
@@ -61,7 +64,10 @@ class TeachabilityGKDConfig(DistillationConfig):
     )
     segmentation: str = field(
         default="nltk",
-        metadata={"help": f"How completions are split into segments. One of: {', '.join(SEGMENTATIONS)}."},
+        metadata={
+            "help": f"How completions are split into segments. One of: {', '.join(SEGMENTATIONS)}.",
+            "choices": SEGMENTATIONS,
+        },
     )
     segment_window: int = field(
         default=64,
@@ -79,7 +85,8 @@ class TeachabilityGKDConfig(DistillationConfig):
         default="advantage",
         metadata={
             "help": "'advantage': sampled-token OPD loss -sum(w * sg(log pT - log pS) * log pS) / N. 'parent': the "
-            "parent trainer's generalized JSD (`beta`) weighted per token by the supervision weights."
+            "parent trainer's generalized JSD (`beta`) weighted per token by the supervision weights.",
+            "choices": LOSS_TYPES,
         },
     )
     signal_chunk_size: int | None = field(
@@ -88,7 +95,10 @@ class TeachabilityGKDConfig(DistillationConfig):
     )
     token_score: str = field(
         default="teachability",
-        metadata={"help": f"Token score for `supervision='token_teachability'`. One of: {', '.join(TOKEN_SCORES)}."},
+        metadata={
+            "help": f"Token score for `supervision='token_teachability'`. One of: {', '.join(TOKEN_SCORES)}.",
+            "choices": TOKEN_SCORES,
+        },
     )
     token_keep_ratio: float = field(
         default=0.05,

@@ -269,7 +269,7 @@ def _tokenizer_of(processing_class, model):
 def _check_vocabularies(model, teacher_model, processing_class, teacher_processing_class, args) -> None:
     """Fail before anything is built when the student and the teacher do not share one vocabulary."""
     student_size, teacher_size = _vocab_size(model, args), _vocab_size(teacher_model, args)
-    student_tok = _tokenizer_of(processing_class, None)
+    student_tok = _tokenizer_of(processing_class, model)
     teacher_tok = _tokenizer_of(teacher_processing_class, teacher_model)
     difference = ""
     if student_tok is not None and teacher_tok is not None:

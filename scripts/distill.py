@@ -1,0 +1,14 @@
+"""TRL-style training script: the same entry point as `trl-ltc distill`, for `accelerate launch`.
+
+    accelerate launch --config_file configs/accelerate/fsdp2.yaml \
+        scripts/distill.py --config configs/qwen3-1.7b_from_qwen3-30b-a3b.yaml [--any_field value ...]
+
+    python scripts/distill.py --help        # every field of the recipe, with its help text
+"""
+
+import sys
+
+from trl_ltc.distill import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Two CPU processes (torch.distributed, gloo) train like one process with the same global batch.
+
+`one_step` is launched with `python -m torch.distributed.run --nproc_per_node 2` through a small script written
+into tmp_path (2 processes x 2 prompts) and run in-process as the reference (1 process x 4 prompts). Generation is
+replaced by fixed completions derived from the prompt token ids, and the optimizer is plain SGD with a constant
+learning rate and no clipping, so the update is proportional to the gradient of the global loss: the first step's
+loss, the updated weights and the logged supervision metrics must agree. The test is skipped (not failed) only when
+the processes cannot start or meet.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from helpers import make_model, make_tokenizer
+
+from trl_ltc import TeachabilityGKDConfig, TeachabilityGKDTrainer
+
+TESTS = Path(__file__).resolve().parent
+TIMEOUT_S = 150
+PROMPTS = [f"Tom has {i} apples. How many are left?" for i in (1, 2, 5, 7)]  # 18 tokens each: no padding
+METRICS = ["release/kept_token_frac", "release/accepted_frac", "release/release_position", "release/num_segments"]
+METRICS += ["advantage/mean", "advantage/std"]
+
+LAUNCHED = """
+import sys
+
+from accelerate import PartialState
+
+state = PartialState(cpu=True)  # joins the torch.distributed.run group (gloo on CPU)
+state.wait_for_everyone()
+open(f"{sys.argv[1]}/ready{state.process_index}", "w").close()  # from here on, a failure is a real failure
+
+from test_multiprocess import one_step
+
+one_step(sys.argv[1], per_device_batch=2)
+"""
+
+
+def one_step(out_dir: str, per_device_batch: int) -> dict:
+    """One optimizer step on tiny random models; returns (and saves to `out_dir/rank<i>.pt`) what this process saw."""
+    tokenizer = make_tokenizer()
+    vocab = len(tokenizer)
+    args = TeachabilityGKDConfig(
+        output_dir=out_dir,
+        max_steps=1,
+        per_device_train_batch_size=per_device_batch,
+        gradient_accumulation_steps=1,
+        max_completion_length=16,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        shuffle_dataset=False,
+        supervision="release",
+        segmentation="fixed",
+        segment_window=2,
+        optim="sgd",
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+    )
+    trainer = TeachabilityGKDTrainer(
+        model=make_model(vocab, seed=1),
+        teacher_model=make_model(vocab, seed=2),
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+        processing_class=tokenizer,
+    )
+
+    def generate(prompt_ids, images, multimodal_fields, has_tool_images=False):  # as in tests/test_trainer.py
+        return [[(7 * sum(ids) + 13 * i) % (vocab - 3) + 3 for i in range(3 + sum(ids) % 9)] for ids in prompt_ids]
+
+    trainer._generate_single_turn = generate
+    batches, compute_loss = [], trainer.compute_loss
+
+    def recording_compute_loss(model, inputs, *args, **kwargs):
+        loss = compute_loss(model, inputs, *args, **kwargs)
+        mask = inputs["completion_mask"].bool()
+        kept = (trainer.last_supervision.weights > 0) & mask
+        batches.append(
+            {
+                "prompt_ids": inputs["prompt_ids"],
+                "padded": not inputs["prompt_mask"].all(),
+                "kept": int(kept.sum()),
+                "tokens": int(mask.sum()),
+            }
+        )
+        return loss
+
+    trainer.compute_loss = recording_compute_loss
+    trainer.train()
+    result = {
+        "batches": batches,
+        "log": [entry for entry in trainer.state.log_history if "loss" in entry],
+        "params": {name: p.detach().clone() for name, p in trainer.model.named_parameters()},
+        "world_size": trainer.accelerator.num_processes,
+    }
+    torch.save(result, f"{out_dir}/rank{trainer.accelerator.process_index}.pt")
+    return result
+
+
+def _launch_two_processes(tmp_path):
+    script, out_dir = tmp_path / "launched.py", tmp_path / "two"
+    script.write_text(LAUNCHED)
+    out_dir.mkdir()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [str(script), str(out_dir)]
+
+    def started():
+        return all((out_dir / f"ready{rank}").exists() for rank in range(2))
+
+    try:
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired as error:
+        if not started():
+            pytest.skip(f"two processes could not start and meet within {TIMEOUT_S} s: {error}")
+        raise AssertionError(f"the two-process run did not finish within {TIMEOUT_S} s") from error
+    if result.returncode != 0:
+        log = (result.stdout + result.stderr)[-3000:]
+        if not started():
+            pytest.skip(f"torch.distributed could not start two CPU processes here:\n{log}")
+        raise AssertionError(f"the two-process run failed after the processes met:\n{log}")
+    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+
+
+def test_two_processes_match_one_process(tmp_path):
+    ranks = _launch_two_processes(tmp_path)
+    (tmp_path / "one").mkdir()
+    reference = one_step(str(tmp_path / "one"), per_device_batch=4)
+
+    # Preconditions: each process saw two of the four prompts, together the four of the single process, none padded
+    # (padding would shift positions), and the kept fraction differs between the two processes' batches, so a
+    # rank-local metric would be visibly wrong.
+    assert [r["world_size"] for r in ranks] == [2, 2] and reference["world_size"] == 1
+    (single,) = reference["batches"]
+    per_rank = [r["batches"][0] for r in ranks]
+    assert [b["prompt_ids"].shape[0] for b in (single, *per_rank)] == [4, 2, 2]
+    assert not any(b["padded"] for b in (single, *per_rank))
+    both = torch.cat([b["prompt_ids"] for b in per_rank])
+    assert sorted(both.tolist()) == sorted(single["prompt_ids"].tolist())
+    assert per_rank[0]["kept"] / per_rank[0]["tokens"] != per_rank[1]["kept"] / per_rank[1]["tokens"]
+
+    # Metrics are gathered: every process logs the values of the global batch, computed here from both batches.
+    log, reference_log = ranks[0]["log"][0], reference["log"][0]
+    assert all(ranks[1]["log"][0][name] == log[name] for name in ("loss", *METRICS))
+    kept, tokens = sum(b["kept"] for b in per_rank), sum(b["tokens"] for b in per_rank)
+    assert (kept, tokens) == (single["kept"], single["tokens"])
+    assert log["release/kept_token_frac"] == pytest.approx(kept / tokens, abs=1e-6)
+    for name in ("loss", *METRICS):
+        assert log[name] == pytest.approx(reference_log[name], rel=1e-4, abs=1e-6), name
+
+    # The same update: both processes hold the weights of the single-process step, which did move.
+    initial = dict(make_model(len(make_tokenizer()), seed=1).named_parameters())
+    moved = False
+    for name, value in reference["params"].items():
+        for rank in ranks:
+            torch.testing.assert_close(rank["params"][name], value, atol=1e-6, rtol=1e-5, msg=name)
+        moved |= not torch.allclose(value, initial[name], atol=1e-5)
+    assert moved

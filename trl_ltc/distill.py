@@ -1,0 +1,168 @@
+"""`trl-ltc distill`: train a student with `TeachabilityGKDTrainer` from a YAML recipe and/or command-line flags.
+
+The counterpart of `trl/scripts/distillation.py`: the same `TrlParser` over TRL's `ScriptArguments`, the trainer's
+config (`TeachabilityGKDConfig`), `ModelConfig` and `DatasetMixtureConfig`, so every TRL flag works, plus the
+supervision fields (`--supervision`, `--release_top_k`, ...). Flags override the values of `--config`.
+
+    trl-ltc distill --config configs/qwen3-1.7b_from_qwen3-30b-a3b.yaml --output_dir out
+    accelerate launch --config_file configs/accelerate/multi_gpu.yaml scripts/distill.py --config RECIPE.yaml
+    trl-ltc distill --model_name_or_path STUDENT --teacher_model_name_or_path TEACHER \\
+        --dataset_name prompts.jsonl --use_peft --lora_r 16 --lora_target_modules all-linear
+
+The prompts (`--dataset_name`: a local .json/.jsonl/.parquet/.csv file, a directory or a Hub dataset; or a `datasets:`
+mixture in the YAML) are loaded and checked before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from dataclasses import dataclass, field
+
+from trl import (
+    DatasetMixtureConfig,
+    ModelConfig,
+    ScriptArguments,
+    TrlParser,
+    get_dataset,
+    get_peft_config,
+    get_quantization_config,
+)
+
+from .config import TeachabilityGKDConfig
+from .prompts import PROMPT_COLUMN, load_prompt_dataset, prepare_prompt_dataset
+
+logger = logging.getLogger(__name__)
+DESCRIPTION = (
+    "Train a student with TeachabilityGKDTrainer (on-policy distillation with teachability-aware supervision). "
+    "Every field below can be set in the YAML given to --config; flags override it."
+)
+
+
+@dataclass
+class DistillScriptArguments(ScriptArguments):
+    """TRL's `ScriptArguments` plus how prompts are read from a dataset without a `prompt` column."""
+
+    dataset_prompt_column: str = field(
+        default=PROMPT_COLUMN,
+        metadata={
+            "help": "Column of the dataset that holds the prompts; renamed to `prompt` for the trainer (e.g. "
+            "`question` for zwhe99/DeepMath-103K)."
+        },
+    )
+    dataset_prompt_as_chat: bool = field(
+        default=False,
+        metadata={
+            "help": "Wrap each text prompt into one user message so that the tokenizer's chat template is applied "
+            "(for chat/instruct students). Conversational prompts are left as they are."
+        },
+    )
+
+
+DATACLASS_TYPES = (DistillScriptArguments, TeachabilityGKDConfig, ModelConfig, DatasetMixtureConfig)
+
+
+def build_parser(prog: str = "trl-ltc distill") -> TrlParser:
+    """The `TrlParser` of `trl-ltc distill`; `parse_args_and_config(argv)` returns the four dataclasses in order."""
+    return TrlParser(DATACLASS_TYPES, prog=prog, description=DESCRIPTION)
+
+
+def load_prompts(script_args: DistillScriptArguments, training_args: TeachabilityGKDConfig, dataset_args):
+    """The train (and, when `eval_strategy` is set, eval) prompt datasets, validated and with a `prompt` column."""
+    evaluate = training_args.eval_strategy != "no"
+    if dataset_args.datasets:
+        if script_args.dataset_name:
+            logger.warning("Both `datasets` and `dataset_name` are set; the `datasets` mixture is used.")
+        name = ", ".join(dataset.path for dataset in dataset_args.datasets)
+        splits = get_dataset(dataset_args)
+        if evaluate and "test" not in splits:
+            raise ValueError(
+                "`eval_strategy` is set but the `datasets` mixture has no test split; set `test_split_size`."
+            )
+        train, test = splits["train"], splits["test"] if evaluate else None
+    elif script_args.dataset_name:
+        name = script_args.dataset_name
+        load = functools.partial(
+            load_prompt_dataset, name, script_args.dataset_config, streaming=script_args.dataset_streaming
+        )
+        train = load(split=script_args.dataset_train_split)
+        test = load(split=script_args.dataset_test_split) if evaluate else None
+    else:
+        raise ValueError(
+            "No prompts: set `--dataset_name` (a local .jsonl/.json/.parquet/.csv file, a directory or a Hub dataset) "
+            "or a `datasets:` list in the YAML config."
+        )
+    column, as_chat = script_args.dataset_prompt_column, script_args.dataset_prompt_as_chat
+    train = prepare_prompt_dataset(train, name, column, as_chat)
+    if test is not None:
+        test = prepare_prompt_dataset(test, f"{name} (eval split)", column, as_chat)
+    return train, test
+
+
+def _init_kwargs(overrides: dict | None, **defaults) -> dict:
+    return {**defaults, **(overrides or {})}
+
+
+def build_trainer(argv: list[str] | None = None):
+    """Parse `argv` (default: `sys.argv[1:]`), load and check the prompts, then build the trainer; do not train.
+
+    Returns:
+        `(trainer, (script_args, training_args, model_args, dataset_args))`.
+    """
+    from .trainer import TeachabilityGKDTrainer
+
+    script_args, training_args, model_args, dataset_args = build_parser().parse_args_and_config(argv)
+    if model_args.model_name_or_path is None:
+        raise ValueError("Set the student with `--model_name_or_path` (a Hub id or a local directory).")
+    if training_args.teacher_model_name_or_path is None:
+        raise ValueError("Set the teacher with `--teacher_model_name_or_path` (a Hub id or a local directory).")
+
+    # The prompts first: a wrong column or an empty file fails here, before two models are loaded.
+    with training_args.main_process_first(desc="loading the prompts"):
+        train_dataset, eval_dataset = load_prompts(script_args, training_args, dataset_args)
+
+    # As in `trl/scripts/distillation.py`: the student's quantization goes through the trainer's
+    # `quantization_config`; the teacher is loaded unquantized unless `teacher_model_init_kwargs` says otherwise.
+    training_args.model_init_kwargs = _init_kwargs(
+        training_args.model_init_kwargs,
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    training_args.teacher_model_init_kwargs = _init_kwargs(
+        training_args.teacher_model_init_kwargs,
+        revision=training_args.teacher_model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    trainer = TeachabilityGKDTrainer(
+        model=model_args.model_name_or_path,
+        teacher_model=training_args.teacher_model_name_or_path,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args),
+    )
+    return trainer, (script_args, training_args, model_args, dataset_args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`trl-ltc distill`: build the trainer, train, save the model (or LoRA adapter) to `output_dir`, push if asked."""
+    trainer, (script_args, training_args, _, _) = build_trainer(argv)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        trainer.accelerator.print(f"Model pushed to https://huggingface.co/{trainer.hub_model_id}.")
+    if hasattr(trainer, "end"):  # transformers >= 5.18: finish the trackers, destroy the process group
+        trainer.end()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
