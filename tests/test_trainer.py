@@ -55,6 +55,7 @@ def _config(tmp_path, **overrides):
         segmentation="fixed",
         segment_window=3,
         fixed_prefix_length=5,
+        release_diagnostics_steps=0,
     )
     kwargs.update(overrides)
     return TeachabilityGKDConfig(**kwargs)
@@ -88,6 +89,16 @@ def test_every_policy_trains_two_steps(tmp_path, tokenizer, policy):
         assert 0 < log["release/kept_token_frac"] <= 1
     if policy == "full":
         assert all(log["release/kept_token_frac"] == 1 for log in logs)
+
+
+def test_release_diagnostics_are_written_during_training(tmp_path, tokenizer):
+    trainer = _trainer(tmp_path, tokenizer, release_diagnostics_steps=1)
+    trainer.train()
+    for name in ("release.png", "margin_curve.png", "release_records.jsonl"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    records = trainer.release_diagnostics.records
+    # only the last step is kept: its two micro-batches of two trajectories
+    assert len(records) == 4 and {r["step"] for r in records} == {1}
 
 
 def _fixed_batch(tokenizer, seed=0):

@@ -48,6 +48,8 @@ class TeachabilityGKDConfig(DistillationConfig):
             is `trl.DistillationTrainer`'s generalized JSD (see `beta`) with the supervision weights applied per token.
         signal_chunk_size (`int`, *optional*): completion positions projected to the vocabulary at a time when the
             per-token signals are computed; by default about 64M logits per chunk.
+        release_diagnostics_steps (`int`, defaults to `10`): the release records of the last N steps are kept and
+            plotted into `output_dir` at each save and at the end of training (`trl_ltc.diagnostics`); 0 turns it off.
         token_score, token_keep_ratio, token_top_k, token_min_keep: TA-OPD selection, see the fields' help.
     """
 
@@ -93,6 +95,13 @@ class TeachabilityGKDConfig(DistillationConfig):
         default=None,
         metadata={"help": "Completion positions per vocabulary projection chunk (default: ~64M logits per chunk)."},
     )
+    release_diagnostics_steps: int = field(
+        default=10,
+        metadata={
+            "help": "Keep the per-trajectory release records of the last N optimizer steps and write release.png, "
+            "margin_curve.png and release_records.jsonl into output_dir at each save and at the end (0: off)."
+        },
+    )
     token_score: str = field(
         default="teachability",
         metadata={
@@ -121,6 +130,8 @@ class TeachabilityGKDConfig(DistillationConfig):
         _choice("token_score", self.token_score, TOKEN_SCORES)
         if self.release_top_k < 2:
             raise ValueError(f"`release_top_k` must be >= 2 (the margin compares the top two); got {self.release_top_k}.")
+        if self.release_diagnostics_steps < 0:
+            raise ValueError(f"`release_diagnostics_steps` must be >= 0 (0 turns it off); got {self.release_diagnostics_steps}.")
         if self.segment_window < 1:
             raise ValueError(f"`segment_window` must be >= 1; got {self.segment_window}.")
         if self.supervision == "fixed_prefix" and (self.fixed_prefix_length is None or self.fixed_prefix_length <= 0):

@@ -15,6 +15,7 @@ from trl import DistillationTrainer
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 
 from .config import MARGIN_POLICIES, SUPERVISIONS, TeachabilityGKDConfig
+from .diagnostics import ReleaseDiagnosticsCallback, trajectory_records
 from .segmentation import segment_completions
 from .signals import OutputHead, SignalsError, signals_from_hidden
 from .supervision import reduce_stats, supervision_stats, supervision_weights
@@ -106,6 +107,10 @@ class TeachabilityGKDTrainer(DistillationTrainer):
         self._pending_stats = None
         self._warned_empty = False
         self.last_supervision = None  # the `Supervision` of the latest micro-batch (weights, change point, scores)
+        self.release_diagnostics = None
+        if args.release_diagnostics_steps > 0:
+            self.release_diagnostics = ReleaseDiagnosticsCallback(max_steps_kept=args.release_diagnostics_steps)
+            self.add_callback(self.release_diagnostics)
 
     def _save_rng_state(self, output_dir: str) -> None:
         # Checkpoints carry the `random_release` / random token-score generator, so a resumed run draws the same.
@@ -215,6 +220,12 @@ class TeachabilityGKDTrainer(DistillationTrainer):
             self._warned_empty = True
         loss = weighted / (n_valid.clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
         self.last_supervision = supervision
+        if self.release_diagnostics is not None and self.model.training:
+            records = trajectory_records(
+                inputs["completion_ids"], inputs["completion_mask"], loss_mask, segment_ids, supervision,
+                signals.margins, advantages,
+            )  # fmt: skip
+            self.release_diagnostics.add(records, step=self.state.global_step)
         self._pending_stats = supervision_stats(supervision, loss_mask, advantages, signals.margins, signals.features)
         return loss, (signals.student_entropy * loss_mask).sum().detach(), n_valid
 

@@ -1,0 +1,380 @@
+"""`trl-ltc diagnose`, the trajectory records and `ReleaseDiagnosticsCallback` on tiny random models (CPU)."""
+
+import importlib.util
+import json
+import math
+import sys
+import types
+from html.parser import HTMLParser
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from helpers import make_model, make_tokenizer
+
+from trl_ltc import cli, diagnostics
+from trl_ltc.diagnostics import (
+    ReleaseDiagnosticsCallback,
+    margin_curve,
+    trajectory_records,
+    visible_text,
+    write_cases_html,
+)
+from trl_ltc.generation import tokenize_prompts
+from trl_ltc.release import bic_change_point, release_weights, segment_scores, teacher_margin
+from trl_ltc.segmentation import segment_completions
+from trl_ltc.supervision import supervision_weights
+
+FILES = ("records.jsonl", "margin_curve.png", "release.png", "support_sweep.png", "cases.html", "summary.md")
+# Prompts of one token length under the test tokenizer's chat template: batches carry no left padding, so a plain
+# unpadded forward pass reproduces the command's signals.
+PROMPTS = [[{"role": "user", "content": f"Tom has {i} apples. How many are left?"}] for i in (0, 3, 4, 6, 8, 9)]
+TOP_K, WINDOW = 10, 4
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """Tiny student/teacher saved to disk with the test tokenizer, and a prompt file."""
+    root = tmp_path_factory.mktemp("pair")
+    tokenizer = make_tokenizer()
+    for name, seed in (("student", 1), ("teacher", 2)):
+        make_model(len(tokenizer), seed=seed).save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    with open(root / "prompts.jsonl", "w") as f:
+        f.writelines(json.dumps({"prompt": prompt, "id": f"p{i}"}) + "\n" for i, prompt in enumerate(PROMPTS))
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(pair):
+    """One `trl-ltc diagnose` run through the top-level CLI."""
+    out = pair / "out"
+    options = {
+        "--student": pair / "student",
+        "--teacher": pair / "teacher",
+        "--dataset": pair / "prompts.jsonl",
+        "--num_prompts": 6,
+        "--max_completion_length": 24,
+        "--batch_size": 3,
+        "--top_k": TOP_K,
+        "--top_k_sweep": "2,10",
+        "--segmentation": "fixed",
+        "--segment_window": WINDOW,
+        "--num_cases": 6,
+        "--output_dir": out,
+    }
+    argv = ["diagnose", *(str(x) for option in options.items() for x in option), "--no_progress"]
+    assert cli.main(argv) == 0
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    return SimpleNamespace(out=out, records=records, tokenizer=make_tokenizer())
+
+
+def test_command_writes_every_file(run):
+    for name in FILES:
+        assert (run.out / name).stat().st_size > 0, name
+    assert len(run.records) == len(PROMPTS)
+    assert [r["prompt_id"] for r in run.records] == [f"p{i}" for i in range(len(PROMPTS))]
+    assert [r["prompt"] for r in run.records] == PROMPTS
+
+
+def test_records_equal_release_math_recomputed_from_the_models(run, pair):
+    """Margins from full logits, segments, scores, change point and kept fraction, recomputed independently."""
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(pair / "student").eval()
+    teacher = AutoModelForCausalLM.from_pretrained(pair / "teacher").eval()
+    prompt_ids = tokenize_prompts(run.tokenizer, PROMPTS)
+    assert len({len(ids) for ids in prompt_ids}) == 1, "the test prompts must have one token length"
+    for record, prompt in zip(run.records, prompt_ids):
+        completion = torch.tensor(record["completion_ids"])
+        n, p = completion.numel(), len(prompt)
+        assert n == record["completion_length"] > 0
+        ids = torch.tensor(prompt + record["completion_ids"])[None]
+        with torch.no_grad():
+            s_logits = student(ids).logits[0, p - 1 : p - 1 + n]
+            t_logits = teacher(ids).logits[0, p - 1 : p - 1 + n]
+        margins = teacher_margin(s_logits, t_logits, TOP_K)
+        advantages = (t_logits.log_softmax(-1) - s_logits.log_softmax(-1)).gather(-1, completion[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(record["token_margins"]), margins, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.tensor(record["token_advantages"]), advantages, atol=1e-4, rtol=1e-4)
+
+        mask = torch.ones(1, n, dtype=torch.long)
+        segment_ids = segment_completions(completion[None], mask, run.tokenizer, "fixed", WINDOW)
+        starts = [int((segment_ids[0] == i).nonzero().min()) for i in range(int(segment_ids.max()) + 1)]
+        assert [s for s, _ in record["segment_token_spans"]] == starts
+        scores, num_segments = segment_scores(margins[None], segment_ids)
+        change = bic_change_point(scores, num_segments)
+        assert record["num_segments"] == int(num_segments)
+        torch.testing.assert_close(torch.tensor(record["segment_scores"]), scores[0], atol=1e-4, rtol=1e-4)
+        assert record["accepted"] == bool(change.accepted)
+        assert record["release_segment"] == int(change.release_segment)
+        assert record["bic_gain"] == pytest.approx(float(change.bic_gain), abs=1e-3)
+        kept = release_weights(segment_ids, mask.float(), change) > 0
+        assert record["kept_fraction"] == pytest.approx(float(kept.float().mean()))
+
+        # The record's own margins give exactly its numbers through release.py.
+        own_scores, _ = segment_scores(torch.tensor(record["token_margins"])[None], segment_ids)
+        own = bic_change_point(own_scores, num_segments)
+        assert record["segment_scores"] == own_scores[0].tolist()
+        assert (record["release_segment"], record["accepted"]) == (int(own.release_segment), bool(own.accepted))
+        assert record["bic_gain"] == float(own.bic_gain)
+        assert record["segment_texts"] and "".join(record["segment_texts"]) == run.tokenizer.decode(
+            record["completion_ids"], skip_special_tokens=True
+        )
+
+
+class _Completions(HTMLParser):
+    """Text of each `.completion` element, split into kept and released parts, and the page's whole text."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.parts, self.all_text, self._stack, self._current = {}, [], [], None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        classes = (attrs.get("class") or "").split()
+        if "completion" in classes:
+            self._current = int(attrs["data-index"])
+            self.parts[self._current] = {"kept": "", "released": ""}
+        self._stack.append((tag, classes, "completion" in classes))
+
+    def handle_endtag(self, tag):
+        _, _, closes_completion = self._stack.pop()
+        if closes_completion:
+            self._current = None
+
+    def handle_data(self, data):
+        self.all_text.append(data)
+        if self._current is not None:
+            kind = next(k for k in ("kept", "released") for _, c, _ in reversed(self._stack) if k in c)
+            self.parts[self._current][kind] += data
+
+
+def test_html_shows_each_completion_once_split_at_the_change_point(run):
+    page = (run.out / "cases.html").read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and "<svg" in page
+    assert not any(ref in page for ref in ("src=", "href=", "url(", "@import")), "the page must be self-contained"
+    parser = _Completions()
+    parser.feed(page)
+    parser.close()
+    text = "".join(parser.all_text)
+    assert sorted(parser.parts) == [r["index"] for r in run.records]  # num_cases covers every trajectory here
+    for record in run.records:
+        decoded = visible_text(run.tokenizer.decode(record["completion_ids"], skip_special_tokens=True))
+        parts = parser.parts[record["index"]]
+        assert parts["kept"] + parts["released"] == decoded
+        kept_segments = record["segment_texts"][: record["release_segment"]]
+        assert parts["kept"] == visible_text("".join(kept_segments))
+        assert bool(parts["released"]) <= record["accepted"]
+        if len(decoded) >= 8:
+            assert text.count(decoded) == 1
+
+
+def test_html_escapes_text(tmp_path):
+    record = _hand_records(texts=True)[0]
+    record["segment_texts"] = ['<b>x</b> & "q"', "</span><script>alert(1)</script>", "\x01\x85ok"]
+    record["prompt"] = "<i>prompt</i>"
+    page = write_cases_html([record], tmp_path / "c.html").read_text()
+    assert "<script>" not in page and "<b>x</b>" not in page and "<i>prompt</i>" not in page
+    parser = _Completions()
+    parser.feed(page)
+    assert "".join(parser.parts[0].values()) == visible_text("".join(record["segment_texts"]))
+    assert visible_text("\x01\x85ok\n\t") == "\u2401\\x85ok\n\t"
+
+
+def _assert_png(path, min_bytes=10_000):
+    from matplotlib.image import imread
+
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > min_bytes, path
+    image = imread(path)
+    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200
+    assert float(image[..., :3].std()) > 0.01, f"{path} is blank"
+
+
+@pytest.mark.parametrize("name", ["margin_curve.png", "release.png", "support_sweep.png"])
+def test_pngs_are_valid(run, name):
+    _assert_png(run.out / name)
+
+
+def test_summary_table(run):
+    summary = (run.out / "summary.md").read_text()
+    accepted = sum(r["accepted"] for r in run.records)
+    assert f"| Trajectories | {len(PROMPTS)} |" in summary
+    assert f"| Accepted fraction (one-drop summary preferred by BIC) | {accepted / len(PROMPTS):.3f} |" in summary
+    mean_kept = np.mean([r["kept_fraction"] for r in run.records])
+    assert f"| Mean kept fraction of the completion (all trajectories) | {mean_kept:.3f} |" in summary
+
+
+def test_cases_page_renders_in_chromium(run, tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "render_cases", Path(__file__).parents[1] / "scripts" / "render_cases.py"
+    )
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    if render.find_browser() is None:
+        pytest.skip("no Chromium-family browser installed (apt-get install chromium)")
+    png = render.screenshot(run.out / "cases.html", tmp_path / "cases.png", width=1000, height=900)
+    _assert_png(png)
+
+
+# ----------------------------------------------------------------------------------------------- records by hand
+
+
+def _hand_batch():
+    """Row 0: 6 segments of 2 tokens, sharp then flat margins (accepted at 3); row 1: flat; row 2: empty."""
+    width = 12
+    completion_mask = torch.zeros(3, width, dtype=torch.long)
+    completion_mask[:2] = 1
+    segment_ids = torch.where(completion_mask.bool(), torch.arange(width) // 2, -1)
+    margins = torch.tensor([[3.0] * 6 + [0.1] * 6, [1.0] * width, [0.0] * width]) * completion_mask
+    advantages = torch.arange(3 * width, dtype=torch.float32).reshape(3, width) % 5 * completion_mask
+    completion_ids = torch.randint(3, 300, (3, width), generator=torch.Generator().manual_seed(0))
+    return completion_ids, completion_mask, segment_ids, margins, advantages
+
+
+def _hand_records(texts=False, step=None):
+    completion_ids, completion_mask, segment_ids, margins, advantages = _hand_batch()
+    loss_mask = completion_mask.float()
+    supervision = supervision_weights(
+        "release", loss_mask, segment_ids=segment_ids, margins=margins, advantages=advantages
+    )
+    return trajectory_records(
+        completion_ids,
+        completion_mask,
+        loss_mask,
+        segment_ids,
+        supervision,
+        margins,
+        advantages,
+        tokenizer=make_tokenizer() if texts else None,
+        prompt_ids=["a", "b", "c"],
+        step=step,
+    )
+
+
+def test_trajectory_records_by_hand():
+    completion_ids, _, _, _, advantages = _hand_batch()
+    sharp, flat, empty = _hand_records(texts=True, step=7)
+    assert (sharp["accepted"], sharp["release_segment"], sharp["num_segments"]) == (True, 3, 6)
+    assert sharp["kept_fraction"] == 0.5 and sharp["kept_tokens"] == 6 and sharp["bic_gain"] > 0
+    assert sharp["segment_token_spans"] == [[2 * i, 2 * i + 2] for i in range(6)]
+    assert sharp["segment_scores"] == pytest.approx([math.log(4.0)] * 3 + [math.log(1.1)] * 3)
+    assert sharp["segment_margin_mean"] == pytest.approx([3.0] * 3 + [0.1] * 3)
+    a = advantages[0].double().reshape(6, 2)
+    assert sharp["segment_advantage_mean"] == pytest.approx(a.mean(1).tolist())
+    assert sharp["segment_advantage_std"] == pytest.approx(a.std(1, unbiased=False).tolist())
+    assert sharp["completion_ids"] == completion_ids[0].tolist() and sharp["step"] == 7 and sharp["prompt_id"] == "a"
+    assert "".join(sharp["segment_texts"]) == make_tokenizer().decode(completion_ids[0], skip_special_tokens=True)
+    assert (flat["accepted"], flat["release_segment"], flat["kept_fraction"], flat["bic_gain"]) == (False, 6, 1.0, 0.0)
+    assert empty["completion_length"] == empty["num_segments"] == 0 and empty["segment_scores"] == []
+    assert (empty["accepted"], empty["kept_fraction"], empty["segment_texts"]) == (False, 0.0, [])
+    json.dumps([sharp, flat, empty])  # plain Python values
+
+
+def test_trajectory_records_rejects_bad_inputs():
+    completion_ids, completion_mask, segment_ids, margins, advantages = _hand_batch()
+    loss_mask = completion_mask.float()
+    no_change_point = supervision_weights("full", loss_mask)
+    with pytest.raises(ValueError, match="change point"):
+        trajectory_records(
+            completion_ids, completion_mask, loss_mask, segment_ids, no_change_point, margins, advantages
+        )
+    supervision = supervision_weights("release", loss_mask, segment_ids=segment_ids, margins=margins)
+    with pytest.raises(ValueError, match="advantages"):
+        trajectory_records(completion_ids, completion_mask, loss_mask, segment_ids, supervision, margins)
+    with pytest.raises(ValueError, match="one shape"):
+        trajectory_records(
+            completion_ids[:, :5], completion_mask, loss_mask, segment_ids, supervision, margins, advantages
+        )
+
+
+def test_margin_curve_normalises_per_trajectory():
+    curve = margin_curve([[2.0, 2.0, 0.0, 0.0], [5.0, 5.0, 5.0, 5.0], [0.0, 0.0]], bins=2)
+    # [2, 2, 0, 0] has mean 1; [5, 5, 5, 5] becomes all 1; the all-zero trajectory is left out.
+    np.testing.assert_allclose(curve["mean"], [1.5, 0.5])
+    np.testing.assert_allclose(curve["count"], [2, 2])
+    np.testing.assert_allclose(curve["position"], [0.25, 0.75])
+
+
+# ----------------------------------------------------------------------------------------------- callback
+
+
+def test_callback_writes_plots_at_save_and_train_end(tmp_path, monkeypatch):
+    callback = ReleaseDiagnosticsCallback(max_steps_kept=2)
+    for step in (1, 2, 2, 3):
+        callback.add(_hand_records(), step=step)
+    assert sorted({r["step"] for r in callback.records}) == [2, 3] and len(callback.records) == 9
+
+    written = []
+    monkeypatch.setattr(callback, "write", written.append)
+    main, other = SimpleNamespace(is_world_process_zero=True), SimpleNamespace(is_world_process_zero=False)
+    callback.on_save(SimpleNamespace(output_dir="a"), main, None)
+    callback.on_save(SimpleNamespace(output_dir="b"), other, None)  # only the main process writes
+    callback.on_train_end(SimpleNamespace(output_dir="c"), other, None)
+    assert written == ["a"]
+    monkeypatch.undo()
+
+    callback.on_train_end(SimpleNamespace(output_dir=str(tmp_path)), main, None)
+    for name in ("release.png", "margin_curve.png"):
+        _assert_png(tmp_path / name)
+    lines = (tmp_path / "release_records.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [2] * 6 + [3] * 3
+
+
+def test_callback_without_records_writes_nothing(tmp_path):
+    callback = ReleaseDiagnosticsCallback()
+    callback.on_train_end(SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(is_world_process_zero=True), None)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------------- command line
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["diagnose", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for option in (
+        "--student",
+        "--teacher",
+        "--dataset",
+        "--num_prompts",
+        "--top_k",
+        "--top_k_sweep",
+        "--segmentation",
+        "--max_completion_length",
+        "--batch_size",
+        "--temperature",
+        "--seed",
+        "--output_dir",
+        "--preset",
+    ):
+        assert option in out
+
+
+def test_missing_models_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        diagnostics.main(["--dataset", "x.jsonl"])
+    assert exit_info.value.code == 2
+    assert "--student" in capsys.readouterr().err
+
+
+def test_preset_quickstart_uses_the_embedded_pair(pair, monkeypatch, tmp_path):
+    fake = types.ModuleType("trl_ltc.embedded")
+    fake.prepare_smollm2_pair = lambda: (str(pair / "teacher"), str(pair / "student"))
+    fake.quickstart_dataset_path = lambda: str(pair / "prompts.jsonl")
+    monkeypatch.setitem(sys.modules, "trl_ltc.embedded", fake)
+    seen = {}
+
+    def fake_diagnose(student, teacher, tokenizer, prompts, output_dir, **kwargs):
+        seen.update(student=student.name_or_path, teacher=teacher.name_or_path, prompts=list(prompts), **kwargs)
+        return {}
+
+    monkeypatch.setattr(diagnostics, "diagnose", fake_diagnose)
+    assert diagnostics.main(["--preset", "quickstart", "--num_prompts", "2", "--output_dir", str(tmp_path)]) == 0
+    assert (seen["student"], seen["teacher"]) == (str(pair / "student"), str(pair / "teacher"))
+    assert seen["prompts"] == PROMPTS[:2] and seen["prompt_ids"] == ["p0", "p1"]
