@@ -103,7 +103,8 @@ def test_features_match_teachability_features_on_full_logits():
 def test_all_masked_batch_is_a_differentiable_zero():
     student, teacher = make_model(VOCAB, seed=1), make_model(VOCAB, seed=2)
     ids, attn, cmask = _batch()
-    got = token_signals(student, teacher, ids, attn, torch.zeros_like(cmask), top_k=3)
+    got = token_signals(student, teacher, ids, attn, torch.zeros_like(cmask), top_k=3, feature_k=4)
+    assert all((x == 0).all() and x.shape == ids.shape for x in got.features)
     loss = got.student_logprobs.sum()
     loss.backward()
     assert loss.item() == 0

@@ -134,7 +134,10 @@ class _ChunkedSignals(ChunkedLogProbFunction):
             "inv_t": 1 / temperature,
             "HAS_SOFTCAP": student.softcap is not None,
         }
-        stacked = tuple(torch.cat(parts) for parts in zip(*features)) if features else ()
+        stacked = ()
+        if feature_k:  # an all-masked batch has no chunk: three empty feature tensors
+            empty = tuple(hidden.new_zeros(3, 0, dtype=torch.float32))
+            stacked = tuple(torch.cat(parts) for parts in zip(*features)) if features else empty
         extra = (teacher_logprobs, entropy, *(x for x in (margins,) if x is not None), *stacked)
         ctx.mark_non_differentiable(*extra)
         return (target_logits - log_z, *extra)
