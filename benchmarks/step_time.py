@@ -610,8 +610,8 @@ def _drive(args, configs, work) -> int:
     if busy and max(busy) > 0.1:
         print(
             f"\nWARNING: other processes used up to {max(busy):.0%} of the CPUs during a run; the wall and CPU times "
-            "of such runs are inflated (several-fold with spinning threads) and the ratios are unreliable. Re-run on an "
-            "idle machine, or with `--threads 1` when one other process keeps one core busy."
+            "of such runs are inflated (several-fold with spinning threads) and the ratios are unreliable. Re-run "
+            "on an idle machine, or with `--threads 1` when one other process keeps one core busy."
         )
     print(f"\ntotal {time.perf_counter() - start:.1f}s; load average now {_load()}")
     return 0

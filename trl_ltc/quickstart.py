@@ -51,9 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
         "and report the held-out teacher-student reverse KL before and after.",
         epilog="Any other `--field value` is passed to `trl-ltc distill` (see `trl-ltc distill --help`) and overrides "
         f"the recipe {recipe_path()}.",
+        allow_abbrev=False,  # never mistake a pass-through flag for an abbreviation of ours
     )
     parser.add_argument("--output_dir", help="where the adapter and the metrics go (recipe: runs/quickstart)")
-    parser.add_argument("--max_steps", type=int, help="optimizer steps (recipe: see the YAML)")
+    parser.add_argument("--max_steps", type=int, help="optimizer steps (default: the recipe's)")
     parser.add_argument(
         "--cache_dir",
         help="where the teacher and student are built and kept (default: $TRL_LTC_CACHE, else $HF_HOME/trl-ltc)",
