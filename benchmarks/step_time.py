@@ -1,7 +1,9 @@
 """Step time and peak memory of `TeachabilityGKDTrainer` against its parent `trl.DistillationTrainer`, on CPU.
 
-    python benchmarks/step_time.py          # vocab 32768, batch 8 x 256 completion tokens, 1 + 3 steps, ~6 min
-    python benchmarks/step_time.py --quick  # smoke run: vocab 4096, 64 tokens, 1 + 1 step, < 1 min
+    python benchmarks/step_time.py          # vocab 32768, batch 8 x 256 completion tokens, 1 + 3 steps, 3 runs: ~7 min
+    python benchmarks/step_time.py --quick  # smoke run: vocab 4096, 64 tokens, 1 + 1 step, 1 run: < 1 min
+
+(times on an idle 2-core machine; see the per-run "other processes" share and the final warning otherwise)
 
 Every configuration trains the same setup from the same seeds, each run in its own subprocess (so that its peak memory
 is its own): a 2-layer Qwen2-style random student and teacher (hidden 64, different seeds, untied heads), a byte-level
@@ -11,8 +13,8 @@ scores exactly `--batch x --completion` tokens; the script checks `completions/m
 
 Configurations: `TeachabilityGKDTrainer` with `supervision` = `full`, `release`, `token_teachability`
 (`segmentation="nltk"`), and `trl.DistillationTrainer` with its default loss (`beta=1.0`, reverse KL). The runs go
-in the order full, release, parent, token_teachability, then reversed, `--repeats` times in all; the medians per
-configuration are reported.
+in the order full, release, parent, token_teachability, then reversed, then forward again (`--repeats` rounds, 3 by
+default); the medians over runs per configuration are reported.
 
 Measured per run, over the timed steps (the first `--warmup` steps are excluded):
 
@@ -425,7 +427,7 @@ def main(argv=None):
     parser.add_argument(
         "--completion", type=int, default=None, help="completion tokens (default 256; 64 with --quick)"
     )
-    parser.add_argument("--repeats", type=int, default=None, help="runs per configuration (default 2; 1 with --quick)")
+    parser.add_argument("--repeats", type=int, default=None, help="runs per configuration (default 3; 1 with --quick)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)}")
     parser.add_argument(
         "--signal-chunk-size",
@@ -446,7 +448,7 @@ def main(argv=None):
     args.steps = args.steps if args.steps is not None else (1 if quick else 3)
     args.vocab = args.vocab if args.vocab is not None else (4096 if quick else 32768)
     args.completion = args.completion if args.completion is not None else (64 if quick else 256)
-    args.repeats = args.repeats if args.repeats is not None else (1 if quick else 2)
+    args.repeats = args.repeats if args.repeats is not None else (1 if quick else 3)
 
     if args.worker:
         with tempfile.TemporaryDirectory(prefix=f"trl_ltc_bench_{args.worker}_") as args.output_dir:

@@ -10,7 +10,7 @@ from trl_ltc.evaluation import heldout_reverse_kl, reverse_kl
 from trl_ltc.generation import Rollouts, tokenize_prompts
 
 # fp32 chunks against a float64 reference: relative 1e-5, or 1e-6 nats where the KL itself is tiny.
-TOL = dict(rel=1e-5, abs=1e-6)
+TOL = {"rel": 1e-5, "abs": 1e-6}
 PROMPTS = [
     [{"role": "user", "content": "Tom has 12 apples and gives away 5. How many are left?"}],
     [{"role": "user", "content": "Let x = 3."}],
@@ -23,7 +23,7 @@ def _rollouts(tokenizer, lengths=(5, 2, 7), seed=0) -> Rollouts:
     generator = torch.Generator().manual_seed(seed)
     prompts = [torch.tensor(ids) for ids in tokenize_prompts(tokenizer, PROMPTS)]
     completions = [torch.randint(len(tokenizer), (n,), generator=generator) for n in lengths]
-    ones = lambda rows: [torch.ones_like(row) for row in rows]  # noqa: E731
+    ones = lambda rows: [torch.ones_like(row) for row in rows]
     return Rollouts(
         pad(prompts, padding_value=tokenizer.pad_token_id, padding_side="left"),
         pad(ones(prompts), padding_value=0, padding_side="left"),
@@ -105,7 +105,7 @@ def test_reverse_kl_restores_modes_and_checks_vocabularies(tokenizer, models):
 
 def test_heldout_reverse_kl_is_seeded_and_leaves_the_rng_alone(tokenizer, models):
     student, teacher = models
-    kwargs = dict(max_new_tokens=6, batch_size=2, seed=3, progress=False)
+    kwargs = {"max_new_tokens": 6, "batch_size": 2, "seed": 3, "progress": False}
     torch.manual_seed(123)
     first = heldout_reverse_kl(student, teacher, tokenizer, PROMPTS, **kwargs)
     after_first = torch.rand(1)

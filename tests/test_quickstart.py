@@ -31,7 +31,9 @@ def _save_pair(tmp_path) -> tuple[str, str]:
 def test_quickstart_end_to_end_on_tiny_models(tmp_path, monkeypatch, capsys):
     teacher_dir, student_dir = _save_pair(tmp_path)
     calls = []
-    monkeypatch.setattr(embedded, "prepare_smollm2_pair", lambda cache_dir=None: calls.append(cache_dir) or (teacher_dir, student_dir))
+    monkeypatch.setattr(
+        embedded, "prepare_smollm2_pair", lambda cache_dir=None: calls.append(cache_dir) or (teacher_dir, student_dir)
+    )
     out = tmp_path / "out"
     argv = ["quickstart", "--output_dir", str(out), "--max_steps", "1", "--eval_prompts", "3", "--cache_dir", "CACHE"]
     argv += ["--max_completion_length", "8", "--per_device_train_batch_size", "2"]  # passed through to distill
@@ -83,7 +85,7 @@ def test_bundled_prompts():
         embedded.quickstart_dataset_path("validation")
     # The committed files are exactly what the generator writes.
     script = ROOT / "scripts" / "make_math_prompts.py"
-    assert subprocess.run([sys.executable, str(script), "--check"], capture_output=True).returncode == 0
+    assert subprocess.run([sys.executable, str(script), "--check"], capture_output=True, check=False).returncode == 0
 
 
 def test_cache_root(monkeypatch, tmp_path):
@@ -168,7 +170,9 @@ def test_gguf_pair_from_the_cached_wheel(monkeypatch, tmp_path):
     assert not hasattr(teacher.config, "quantization_config") and teacher.dtype == torch.float32
     assert teacher.config.num_hidden_layers == 30 and teacher.config.vocab_size == 49152
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "2+2?"}], add_generation_prompt=True, tokenize=False)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "2+2?"}], add_generation_prompt=True, tokenize=False
+    )
     assert chat.endswith("<|im_start|>assistant\n") and tokenizer.eos_token == "<|im_end|>"
 
     # Weights equal the GGUF's own de-quantization (tensors that transformers does not permute).
@@ -178,7 +182,9 @@ def test_gguf_pair_from_the_cached_wheel(monkeypatch, tmp_path):
         for gguf_name, name in (("token_embd.weight", "model.embed_tokens.weight"),
                                 ("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight")):  # fmt: skip
             t = tensors[gguf_name]
-            expected = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).reshape(teacher.get_parameter(name).shape)
+            expected = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).reshape(
+                teacher.get_parameter(name).shape
+            )
             assert torch.allclose(teacher.get_parameter(name), expected.float(), atol=1e-6), name
     # The student differs exactly on the layer matrices.
     t_params, s_params = dict(teacher.named_parameters()), dict(student.named_parameters())
@@ -192,7 +198,7 @@ def test_gguf_pair_from_the_cached_wheel(monkeypatch, tmp_path):
 
 
 def test_missing_gguf_package_says_what_to_install(monkeypatch, tmp_path):
-    import transformers.utils.import_utils as import_utils
+    from transformers.utils import import_utils
 
     monkeypatch.setattr(import_utils, "is_gguf_available", lambda *a: False)
     with pytest.raises(embedded.EmbeddedModelError, match=r"pip install 'gguf>="):

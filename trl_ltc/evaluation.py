@@ -47,7 +47,8 @@ def reverse_kl(
     temperature: float = 1.0,
     batch_size: int | None = None,
 ) -> float:
-    """Mean per-token reverse KL `KL(pS || pT)` in nats over the completion tokens of `rollouts`, exact over the vocabulary.
+    """Mean per-token reverse KL `KL(pS || pT)` in nats over the completion tokens of `rollouts`, exact over the
+    vocabulary.
 
     Args:
         student, teacher: causal LMs (or PEFT models) sharing a vocabulary; they may sit on different devices.
@@ -129,4 +130,6 @@ def heldout_reverse_kl(
             seed=seed,
             progress=progress,
         )
-    return reverse_kl(student, teacher, rollouts, chunk_size=chunk_size, temperature=temperature, batch_size=batch_size)
+    return reverse_kl(
+        student, teacher, rollouts, chunk_size=chunk_size, temperature=temperature, batch_size=batch_size
+    )

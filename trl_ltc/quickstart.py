@@ -185,10 +185,14 @@ def format_summary(metrics: dict, config, metrics_path: str) -> str:
     lines = [
         "",
         "=" * 30 + " trl-ltc quickstart " + "=" * 30,
-        f"supervision      {config.supervision} (K={config.release_top_k}, segmentation={config.segmentation}, "
-        f"loss_type={config.loss_type})",
-        f"training         {steps} steps x {batch} prompts x <= {config.max_completion_length} tokens in "
-        f"{_duration(seconds)}{per_step}",
+        (
+            f"supervision      {config.supervision} (K={config.release_top_k}, segmentation={config.segmentation}, "
+            f"loss_type={config.loss_type})"
+        ),
+        (
+            f"training         {steps} steps x {batch} prompts x <= {config.max_completion_length} tokens in "
+            f"{_duration(seconds)}{per_step}"
+        ),
     ]
     if kl["before"] is not None:
         change = f" ({kl['after'] / kl['before'] - 1:+.0%})" if kl["before"] > 0 else ""
