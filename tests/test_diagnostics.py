@@ -18,16 +18,30 @@ from trl_ltc import cli, diagnostics
 from trl_ltc.diagnostics import (
     ReleaseDiagnosticsCallback,
     margin_curve,
+    plot_teachability,
+    release_cut,
+    release_fraction,
+    summarize,
     trajectory_records,
     visible_text,
     write_cases_html,
+    write_summary,
 )
 from trl_ltc.generation import tokenize_prompts
 from trl_ltc.release import bic_change_point, release_weights, segment_scores, teacher_margin
 from trl_ltc.segmentation import segment_completions
 from trl_ltc.supervision import supervision_weights
+from trl_ltc.teachability import TeachabilityFeatures, score_tokens, teachability_features, token_budget_weights
 
-FILES = ("records.jsonl", "margin_curve.png", "release.png", "support_sweep.png", "cases.html", "summary.md")
+FILES = (
+    "records.jsonl",
+    "margin_curve.png",
+    "release.png",
+    "support_sweep.png",
+    "teachability.png",
+    "cases.html",
+    "summary.md",
+)
 # Prompts of one token length under the test tokenizer's chat template: batches carry no left padding, so a plain
 # unpadded forward pass reproduces the command's signals.
 PROMPTS = [[{"role": "user", "content": f"Tom has {i} apples. How many are left?"}] for i in (0, 3, 4, 6, 8, 9)]
@@ -125,6 +139,36 @@ def test_records_equal_release_math_recomputed_from_the_models(run, pair):
         )
 
 
+def test_teachability_kept_equals_ta_opd_on_full_logits(run, pair):
+    """TA-OPD's kept tokens per scoring batch (--batch_size 3), recomputed from full logits of the saved models."""
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(pair / "student").eval()
+    teacher = AutoModelForCausalLM.from_pretrained(pair / "teacher").eval()
+    prompt_ids = tokenize_prompts(run.tokenizer, PROMPTS)
+    for start in range(0, len(PROMPTS), 3):
+        batch = run.records[start : start + 3]
+        width = max(r["completion_length"] for r in batch)
+        fields = {name: torch.zeros(len(batch), width) for name in TeachabilityFeatures._fields}
+        mask = torch.zeros(len(batch), width)
+        for b, (record, prompt) in enumerate(zip(batch, prompt_ids[start : start + 3])):
+            n, p = record["completion_length"], len(prompt)
+            ids = torch.tensor(prompt + record["completion_ids"])[None]
+            with torch.no_grad():
+                features = teachability_features(
+                    student(ids).logits[0, p - 1 : p - 1 + n], teacher(ids).logits[0, p - 1 : p - 1 + n], k=16
+                )
+            for name in fields:
+                fields[name][b, :n] = getattr(features, name)
+            mask[b, :n] = 1
+        weights = token_budget_weights(score_tokens(TeachabilityFeatures(**fields), mask, "teachability"), mask, 0.05)
+        expected = (weights > 0).int()
+        assert int(expected.sum()) >= math.ceil(mask.sum().item() * 0.05)
+        for b, record in enumerate(batch):
+            assert record["teachability_kept"] == expected[b, : record["completion_length"]].tolist()
+            assert sum(record["teachability_kept"]) >= 1  # token_min_keep = 1
+
+
 class _Completions(HTMLParser):
     """Text of each `.completion` element, split into kept and released parts, and the page's whole text."""
 
@@ -194,7 +238,7 @@ def _assert_png(path, min_bytes=10_000):
     assert float(image[..., :3].std()) > 0.01, f"{path} is blank"
 
 
-@pytest.mark.parametrize("name", ["margin_curve.png", "release.png", "support_sweep.png"])
+@pytest.mark.parametrize("name", ["margin_curve.png", "release.png", "support_sweep.png", "teachability.png"])
 def test_pngs_are_valid(run, name):
     _assert_png(run.out / name)
 
@@ -235,7 +279,7 @@ def _hand_batch():
     return completion_ids, completion_mask, segment_ids, margins, advantages
 
 
-def _hand_records(texts=False, step=None):
+def _hand_records(texts=False, step=None, teachability_weights=None):
     completion_ids, completion_mask, segment_ids, margins, advantages = _hand_batch()
     loss_mask = completion_mask.float()
     supervision = supervision_weights(
@@ -252,6 +296,7 @@ def _hand_records(texts=False, step=None):
         tokenizer=make_tokenizer() if texts else None,
         prompt_ids=["a", "b", "c"],
         step=step,
+        teachability_weights=teachability_weights,
     )
 
 
@@ -299,6 +344,31 @@ def test_margin_curve_normalises_per_trajectory():
     np.testing.assert_allclose(curve["position"], [0.25, 0.75])
 
 
+def test_teachability_summary_by_hand(tmp_path):
+    """Row 0 keeps tokens 0..5 under release (accepted at segment 3), row 1 keeps all 12, row 2 is empty."""
+    weights = torch.zeros(3, 12)
+    weights[0, [0, 7]] = 1.0
+    weights[1, 5] = 1.0
+    weights[2, 3] = 1.0  # outside the completion: never counted
+    sharp, flat, empty = _hand_records(teachability_weights=weights)
+    assert sharp["teachability_kept"] == [1] + [0] * 6 + [1] + [0] * 4
+    assert flat["teachability_kept"] == [0] * 5 + [1] + [0] * 6 and empty["teachability_kept"] == []
+    assert [release_cut(r) for r in (sharp, flat, empty)] == [6, 12, 0]
+    assert [release_fraction(r) for r in (sharp, flat, empty)] == [0.5, 1.0, 1.0]
+
+    numbers = summarize([sharp, flat, empty])
+    assert numbers["teachability_kept_fraction"] == pytest.approx(3 / 24)
+    assert numbers["teachability_kept_position_mean"] == pytest.approx((0.5 / 12 + 7.5 / 12 + 5.5 / 12) / 3)
+    assert numbers["teachability_in_release_prefix"] == pytest.approx(2 / 3)  # tokens 0 (row 0) and 5 (row 1)
+    assert numbers["release_prefix_token_fraction"] == pytest.approx((6 + 12) / 24)
+    summary = write_summary([sharp, flat, empty], tmp_path / "summary.md").read_text()
+    assert "| TA-OPD: share of the kept tokens inside the release prefix | 0.667 |" in summary
+    assert "TA-OPD" not in write_summary(_hand_records(), tmp_path / "plain.md").read_text()
+    assert "teachability_kept_fraction" not in summarize(_hand_records())
+    _assert_png(plot_teachability([sharp, flat, empty], tmp_path / "teachability.png"))
+    _assert_png(plot_teachability(_hand_records(), tmp_path / "empty.png"), min_bytes=5_000)  # nothing to show
+
+
 # ----------------------------------------------------------------------------------------------- callback
 
 
@@ -322,6 +392,16 @@ def test_callback_writes_plots_at_save_and_train_end(tmp_path, monkeypatch):
         _assert_png(tmp_path / name)
     lines = (tmp_path / "release_records.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [2] * 6 + [3] * 3
+    assert not (tmp_path / "teachability.png").exists()  # release records only
+
+    weights = torch.zeros(3, 12)
+    weights[:2, 0] = 1.0
+    callback.add(_hand_records(teachability_weights=weights), step=4)
+    callback.write(tmp_path / "ta")
+    _assert_png(tmp_path / "ta" / "teachability.png")
+    assert json.loads((tmp_path / "ta" / "release_records.jsonl").read_text().splitlines()[-3])[
+        "teachability_kept"
+    ] == [1] + [0] * 11
 
 
 def test_callback_without_records_writes_nothing(tmp_path):
@@ -352,6 +432,10 @@ def test_help_documents_every_option(capsys):
         "--seed",
         "--output_dir",
         "--preset",
+        "--token_top_k",
+        "--token_score",
+        "--token_keep_ratio",
+        "--token_min_keep",
     ):
         assert option in out
 

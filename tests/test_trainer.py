@@ -91,14 +91,20 @@ def test_every_policy_trains_two_steps(tmp_path, tokenizer, policy):
         assert all(log["release/kept_token_frac"] == 1 for log in logs)
 
 
-def test_release_diagnostics_are_written_during_training(tmp_path, tokenizer):
-    trainer = _trainer(tmp_path, tokenizer, release_diagnostics_steps=1)
+@pytest.mark.parametrize("policy", ["release", "token_teachability"])
+def test_release_diagnostics_are_written_during_training(tmp_path, tokenizer, policy):
+    trainer = _trainer(tmp_path, tokenizer, release_diagnostics_steps=1, supervision=policy, token_keep_ratio=0.2)
     trainer.train()
     for name in ("release.png", "margin_curve.png", "release_records.jsonl"):
         assert (tmp_path / name).stat().st_size > 0, name
     records = trainer.release_diagnostics.records
     # only the last step is kept: its two micro-batches of two trajectories
     assert len(records) == 4 and {r["step"] for r in records} == {1}
+    if policy == "token_teachability":  # the records mark TA-OPD's tokens: the ones this policy trains on
+        assert (tmp_path / "teachability.png").stat().st_size > 0
+        assert all(sum(r["teachability_kept"]) == r["kept_tokens"] > 0 for r in records)
+    else:
+        assert not (tmp_path / "teachability.png").exists() and "teachability_kept" not in records[0]
 
 
 def _fixed_batch(tokenizer, seed=0):

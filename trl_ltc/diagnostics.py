@@ -16,6 +16,11 @@ teacher/student pair, from the same functions the trainer uses (``token_signals`
     downward); release positions as a fraction of the completion length (paper Figure 3).
 ``support_sweep.png``
     Normalised margin curves for each K of ``--top_k_sweep`` (paper Figure 5).
+``teachability.png``
+    The two papers' views of the same rollouts: density of the tokens TA-OPD keeps (``token_teachability``,
+    arXiv 2605.26844) against the relative position, overlaid with the density of the release positions of accepted
+    trajectories; and the share of TA-OPD's tokens that fall in the release rule's kept prefix, against the share of
+    all tokens that do (what an unrelated selection would give).
 ``cases.html``
     A self-contained page with a few trajectories: kept prefix and released suffix, segment boundaries and scores,
     and an inline SVG chart of the segment scores with the change point (paper Figure 6).
@@ -51,6 +56,11 @@ Token lists run over the completion tokens (``completion_mask != 0``) in order; 
 - ``token_margins``, ``token_advantages``: per-token ``M_t`` and ``A_t``.
 - ``segment_texts`` (only with a tokenizer): each segment's decoded text; they concatenate to the completion's
   decoded text (special tokens skipped).
+- ``teachability_kept`` (only when TA-OPD weights are given, as ``trl-ltc diagnose`` does): per token, 1 if
+  ``supervision="token_teachability"`` keeps it, else 0.
+
+*Release fraction* of a record: the tokens of its first ``release_segment`` segments as a fraction of its completion
+length (1 when not accepted); with ``supervision="release"`` it is the kept fraction.
 """
 
 from __future__ import annotations
@@ -71,6 +81,7 @@ import torch
 from transformers import TrainerCallback
 
 from .segmentation import SEGMENTATION_METHODS, decode_with_offsets
+from .teachability import TOKEN_SCORES
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +124,7 @@ def trajectory_records(
     prompts: Sequence | None = None,
     step: int | None = None,
     start_index: int = 0,
+    teachability_weights: torch.Tensor | None = None,
 ) -> list[dict]:
     """Turn one micro-batch into per-trajectory records (module docstring: schema), for the command and the trainer.
 
@@ -132,6 +144,8 @@ def trajectory_records(
         prompt_ids, prompts: per-row prompt identifiers / prompts (JSON-serialisable), or ``None``.
         step: training step stored in every record (``None`` outside training).
         start_index: ``index`` of the first row.
+        teachability_weights: ``[B, C]`` weights of ``supervision="token_teachability"`` on the same tokens; when
+            given, records carry ``teachability_kept``.
 
     Returns:
         ``B`` dicts of plain Python values (JSON-serialisable).
@@ -151,6 +165,8 @@ def trajectory_records(
         "advantages": advantages,
         "supervision.weights": supervision.weights,
     }
+    if teachability_weights is not None:
+        tensors["teachability_weights"] = teachability_weights
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
     if len(set(shapes.values())) != 1 or len(shapes["completion_ids"]) != 2:
         raise ValueError(f"trajectory_records needs [B, C] tensors of one shape (completion-aligned); got {shapes}.")
@@ -222,6 +238,8 @@ def trajectory_records(
             text, char_start, _ = decode_with_offsets(ids, tokenizer)
             bounds = [int(char_start[s]) for s in starts] + [len(text)]
             record["segment_texts"] = [text[bounds[i] : bounds[i + 1]] for i in range(n)]
+        if teachability_weights is not None:
+            record["teachability_kept"] = ((cpu["teachability_weights"][b] > 0) & supervised[b])[row].int().tolist()
         records.append(record)
     return records
 
@@ -325,11 +343,46 @@ def _before_after(record: dict) -> tuple[list[float], list[float]]:
     return record["token_margins"][:cut], record["token_margins"][cut:]
 
 
+def release_cut(record: dict) -> int:
+    """Completion tokens before the record's change point (its whole length when not accepted)."""
+    spans = record["segment_token_spans"]
+    return spans[record["release_segment"]][0] if record["release_segment"] < len(spans) else record["completion_length"]
+
+
+def release_fraction(record: dict) -> float:
+    """The record's release fraction (module docstring): ``release_cut / completion_length``, 1 when empty."""
+    length = record["completion_length"]
+    return release_cut(record) / length if length else 1.0
+
+
+def teachability_positions(records: Sequence[dict]) -> dict[str, np.ndarray]:
+    """Relative positions of all tokens and of TA-OPD's kept tokens, and whether each lies in the release prefix.
+
+    Only records with ``teachability_kept`` count. Returns ``position``, ``kept`` and ``in_prefix``, one entry per
+    token of those records.
+    """
+    position, kept, in_prefix = [], [], []
+    for record in records:
+        if "teachability_kept" not in record:
+            continue
+        length = record["completion_length"]
+        index = np.arange(length)
+        position.append((index + 0.5) / max(length, 1))
+        kept.append(np.asarray(record["teachability_kept"], dtype=bool))
+        in_prefix.append(index < release_cut(record))
+    join = lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
+    return {"position": join(position, float), "kept": join(kept, bool), "in_prefix": join(in_prefix, bool)}
+
+
 def summarize(records: Sequence[dict]) -> dict[str, float]:
     """Key numbers of a set of records.
 
     ``margin_before_change`` / ``margin_after_change`` pool the tokens of accepted trajectories before / after their
     change point; ``bic_gain_mean`` averages over all trajectories (0 when not accepted), as the trainer's metric.
+    When the records carry ``teachability_kept``, the TA-OPD numbers are added: ``teachability_kept_fraction``
+    (kept tokens / tokens), ``teachability_kept_position_mean`` (mean relative position of the kept tokens),
+    ``teachability_in_release_prefix`` (share of the kept tokens inside the release prefix) and
+    ``release_prefix_token_fraction`` (share of all tokens inside it: what a selection blind to position would give).
     """
     n = len(records)
     accepted = [r for r in records if r["accepted"]]
@@ -351,6 +404,23 @@ def summarize(records: Sequence[dict]) -> dict[str, float]:
         "bic_gain_mean_accepted": mean([r["bic_gain"] for r in accepted]),
         "num_segments_mean": mean([r["num_segments"] for r in records]),
         "completion_length_mean": mean([r["completion_length"] for r in records]),
+    } | _teachability_summary(records)
+
+
+def _teachability_summary(records: Sequence[dict]) -> dict[str, float]:
+    if not any("teachability_kept" in r for r in records):
+        return {}
+    tokens = teachability_positions(records)
+    kept = tokens["kept"]
+
+    def share(values) -> float:
+        return float(np.mean(values)) if len(values) else math.nan
+
+    return {
+        "teachability_kept_fraction": share(kept),
+        "teachability_kept_position_mean": share(tokens["position"][kept]),
+        "teachability_in_release_prefix": share(tokens["in_prefix"][kept]),
+        "release_prefix_token_fraction": share(tokens["in_prefix"]),
     }
 
 
@@ -365,6 +435,10 @@ _SUMMARY_ROWS = (
     ("bic_gain_mean_accepted", "Mean BIC gain (accepted trajectories)", "{:.3f}"),
     ("num_segments_mean", "Mean segments per completion", "{:.2f}"),
     ("completion_length_mean", "Mean completion length (tokens)", "{:.1f}"),
+    ("teachability_kept_fraction", "TA-OPD: kept fraction of the tokens", "{:.3f}"),
+    ("teachability_kept_position_mean", "TA-OPD: mean relative position of the kept tokens", "{:.3f}"),
+    ("teachability_in_release_prefix", "TA-OPD: share of the kept tokens inside the release prefix", "{:.3f}"),
+    ("release_prefix_token_fraction", "Share of all tokens inside the release prefix", "{:.3f}"),
 )
 
 
@@ -373,6 +447,8 @@ def write_summary(records: Sequence[dict], path, settings: dict | None = None) -
     numbers = summarize(records)
     lines = ["# Release diagnostics", "", "| quantity | value |", "|---|---|"]
     for key, label, fmt in _SUMMARY_ROWS:
+        if key not in numbers:
+            continue
         value = numbers[key]
         text = "n/a" if isinstance(value, float) and math.isnan(value) else fmt.format(value)
         lines.append(f"| {label} | {text} |")
@@ -514,6 +590,47 @@ def plot_release(records: Sequence[dict], path) -> Path:
     position_ax.set_ylabel("accepted trajectories")
     position_ax.set_title("Where supervision stops varies per sample", fontsize=10)
     for ax in (gain_ax, drop_ax, position_ax):
+        ax.grid(alpha=0.3)
+    figure.savefig(path)
+    return Path(path)
+
+
+def plot_teachability(records: Sequence[dict], path, bins: int = DEFAULT_BINS) -> Path:
+    """``teachability.png``: where TA-OPD's kept tokens sit against where the release rule stops supervising."""
+    tokens = teachability_positions(records)
+    kept = tokens["kept"]
+    accepted = [release_fraction(r) for r in records if r["accepted"]]
+    figure = _figure(12, 4.6)
+    density_ax, share_ax = figure.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
+    figure.suptitle("Token teachability (TA-OPD) and the release rule on the same rollouts")
+    edges = np.linspace(0, 1, bins + 1)
+    if kept.any():
+        density_ax.hist(tokens["position"], bins=edges, density=True, histtype="step", color="0.5", ls="--", lw=1.2,
+                        label=f"all completion tokens ({len(kept)})")  # fmt: skip
+        density_ax.hist(tokens["position"][kept], bins=edges, density=True, histtype="step", color="tab:red", lw=2,
+                        label=f"tokens TA-OPD keeps ({int(kept.sum())})")  # fmt: skip
+    if accepted:
+        density_ax.hist(accepted, bins=edges, density=True, color="tab:blue", alpha=0.35,
+                        label=f"release positions (accepted, {len(accepted)})")  # fmt: skip
+    if kept.any() or accepted:
+        density_ax.legend(fontsize=8)
+    else:
+        _empty(density_ax, "no TA-OPD tokens and no accepted change point")
+    density_ax.set_xlim(0, 1)
+    density_ax.set_xlabel("relative position in the completion")
+    density_ax.set_ylabel("density")
+    density_ax.set_title("Do the teachable tokens sit where release keeps supervising?", fontsize=10)
+
+    if kept.any():
+        shares = [float(tokens["in_prefix"].mean()), float(tokens["in_prefix"][kept].mean())]
+        bars = share_ax.bar(["all tokens", "TA-OPD kept"], shares, color=["0.6", "tab:red"])
+        share_ax.bar_label(bars, labels=[f"{v:.0%}" for v in shares], fontsize=9)
+        share_ax.set_ylim(0, 1.1)
+    else:
+        _empty(share_ax, "no TA-OPD tokens")
+    share_ax.set_ylabel("share inside the release prefix")
+    share_ax.set_title("Inside the kept prefix", fontsize=10)
+    for ax in (density_ax, share_ax):
         ax.grid(alpha=0.3)
     figure.savefig(path)
     return Path(path)
@@ -792,13 +909,20 @@ def diagnose(
     bins: int = DEFAULT_BINS,
     progress: bool = True,
     settings: dict | None = None,
+    token_top_k: int = 16,
+    token_score: str = "teachability",
+    token_keep_ratio: float = 0.05,
+    token_min_keep: int = 1,
 ) -> dict[str, Path]:
     """Sample, score and segment completions of ``prompts`` and write every diagnostics file into ``output_dir``.
 
     Uses the trainer's functions throughout: ``sample_completions`` (completions cut after the first EOS, which is
     kept), ``token_signals`` at ``temperature`` with the margin over the student's top-``top_k``,
     ``segment_completions``, and ``supervision_weights("release", ...)`` for the change point and the weights.
-    Margins for each K of ``top_k_sweep`` are computed the same way (``support_sweep.png``).
+    Margins for each K of ``top_k_sweep`` are computed the same way (``support_sweep.png``). The TA-OPD features
+    (``token_top_k``) come from the same pass, and ``supervision_weights("token_teachability", ...)`` selects the
+    tokens over each scoring batch of ``batch_size`` trajectories, as training does over a per-device batch
+    (``teachability.png``); ``token_score="random"`` draws from a generator seeded with ``seed``.
 
     Returns ``{file name: path}`` of the files written.
     """
@@ -808,6 +932,7 @@ def diagnose(
     from .segmentation import segment_completions
     from .signals import token_signals
     from .supervision import supervision_weights
+    from .teachability import TeachabilityFeatures
 
     vocab = student.get_output_embeddings().weight.shape[0]
     for k in (top_k, *top_k_sweep):
@@ -815,6 +940,9 @@ def diagnose(
             raise ValueError(
                 f"Every K (--top_k, --top_k_sweep) must be in [2, {vocab}] (the vocabulary size); got {k}."
             )
+    if not 1 <= token_top_k <= vocab:
+        raise ValueError(f"--token_top_k must be in [1, {vocab}] (the vocabulary size); got {token_top_k}.")
+    generator = torch.Generator().manual_seed(seed)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     prompts = list(prompts)
@@ -834,12 +962,23 @@ def diagnose(
             torch.cat([prompt_mask, completion_mask], 1).to(student.device),  # attention_mask
             torch.cat([torch.zeros_like(prompt_mask), completion_mask], 1).to(student.device),  # completion mask
         )
-        main = token_signals(student, teacher, *batch, top_k=top_k, temperature=temperature)
-        margins, advantages = (x[:, prompt_ids_b.shape[1] :].cpu() for x in (main.margins, main.advantages))
+        main = token_signals(student, teacher, *batch, top_k=top_k, temperature=temperature, feature_k=token_top_k)
+        completion = slice(prompt_ids_b.shape[1], None)
+        margins, advantages = (x[:, completion].cpu() for x in (main.margins, main.advantages))
+        features = TeachabilityFeatures._make(x[:, completion].cpu() for x in main.features)
         loss_mask = completion_mask.float()
         segment_ids = segment_completions(completion_ids, completion_mask, tokenizer, segmentation, segment_window)
         supervision = supervision_weights(
             "release", loss_mask, segment_ids=segment_ids, margins=margins, advantages=advantages
+        )
+        token_teachability = supervision_weights(
+            "token_teachability",
+            loss_mask,
+            features=features,
+            generator=generator,
+            token_score=token_score,
+            token_keep_ratio=token_keep_ratio,
+            token_min_keep=token_min_keep,
         )
         records += trajectory_records(
             completion_ids,
@@ -853,6 +992,7 @@ def diagnose(
             prompt_ids=prompt_ids[rows],
             prompts=prompts[rows],
             start_index=start,
+            teachability_weights=token_teachability.weights,
         )
         valid = completion_mask.bool()
         for k in sweep:
@@ -860,7 +1000,7 @@ def diagnose(
                 k_margins = margins
             else:
                 k_signals = token_signals(student, teacher, *batch, top_k=k, temperature=temperature)
-                k_margins = k_signals.margins[:, prompt_ids_b.shape[1] :].cpu()
+                k_margins = k_signals.margins[:, completion].cpu()
             sweep_margins[k] += [k_margins[b][valid[b]].tolist() for b in range(valid.shape[0])]
 
     meta = (
@@ -872,6 +1012,7 @@ def diagnose(
         "margin_curve.png": plot_margin_curve(records, output_dir / "margin_curve.png", bins, top_k),
         "release.png": plot_release(records, output_dir / "release.png"),
         "support_sweep.png": plot_support_sweep(sweep_margins, output_dir / "support_sweep.png", bins),
+        "teachability.png": plot_teachability(records, output_dir / "teachability.png", bins),
         "cases.html": write_cases_html(records, output_dir / "cases.html", num_cases, meta=meta),
         "summary.md": write_summary(records, output_dir / "summary.md", settings),
     }
@@ -928,8 +1069,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trl-ltc diagnose",
         description="Measure local teachability collapse on a teacher/student pair: sample student completions, "
-        "score them with the teacher exactly as TeachabilityGKDTrainer does (release rule), and write "
-        "records.jsonl, margin_curve.png, release.png, support_sweep.png, cases.html and summary.md.",
+        "score them with the teacher exactly as TeachabilityGKDTrainer does (release rule and TA-OPD token "
+        "teachability), and write records.jsonl, margin_curve.png, release.png, support_sweep.png, "
+        "teachability.png, cases.html and summary.md.",
     )
     add = parser.add_argument
     add("--student", help="Student model id or local path (its tokenizer is used).")
@@ -962,6 +1104,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="Segments: NLTK sentences (default), lines, or fixed token windows.",
     )
     add("--segment_window", type=int, default=64, help="Tokens per segment with --segmentation fixed (default: 64).")
+    add("--token_top_k", type=int, default=16, help="K of the TA-OPD token features (default: 16).")
+    add(
+        "--token_score",
+        choices=TOKEN_SCORES,
+        default="teachability",
+        help="TA-OPD token score for teachability.png (default: teachability).",
+    )
+    add(
+        "--token_keep_ratio",
+        type=float,
+        default=0.05,
+        help="Share of each scoring batch's tokens TA-OPD keeps, in (0, 1] (default: 0.05).",
+    )
+    add("--token_min_keep", type=int, default=1, help="TA-OPD tokens kept per trajectory at least (default: 1).")
     add("--max_completion_length", type=int, default=256, help="Maximum sampled tokens per prompt (default: 256).")
     add("--batch_size", type=int, default=8, help="Prompts per generation/scoring batch (default: 8).")
     add("--temperature", type=float, default=1.0, help="Sampling and scoring temperature (default: 1.0).")
@@ -1002,6 +1158,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name} must be >= 1; got {getattr(args, name)}")
     if args.top_k < 2:
         parser.error(f"--top_k must be >= 2; got {args.top_k}")
+    if args.token_top_k < 1 or args.token_min_keep < 0:
+        parser.error(
+            f"--token_top_k must be >= 1 and --token_min_keep >= 0; got {args.token_top_k}, {args.token_min_keep}"
+        )
+    if not 0 < args.token_keep_ratio <= 1:
+        parser.error(f"--token_keep_ratio must be in (0, 1]; got {args.token_keep_ratio}")
     if not args.temperature > 0:
         parser.error(f"--temperature must be > 0; got {args.temperature}")
 
@@ -1033,6 +1195,8 @@ def main(argv: list[str] | None = None) -> int:
         "max_completion_length": args.max_completion_length,
         "temperature": args.temperature,
         "seed": args.seed,
+        "TA-OPD": f"score={args.token_score}, K={args.token_top_k}, keep_ratio={args.token_keep_ratio}, "
+        f"min_keep={args.token_min_keep}, batch={args.batch_size}",
     }
     files = diagnose(
         student,
@@ -1053,6 +1217,10 @@ def main(argv: list[str] | None = None) -> int:
         bins=args.bins,
         progress=not args.no_progress,
         settings=settings,
+        token_top_k=args.token_top_k,
+        token_score=args.token_score,
+        token_keep_ratio=args.token_keep_ratio,
+        token_min_keep=args.token_min_keep,
     )
     print(f"Wrote {', '.join(files)} to {os.path.abspath(args.output_dir)}")
     return 0
@@ -1063,7 +1231,12 @@ def main(argv: list[str] | None = None) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-_TOKEN_ARRAYS = {"token_margins": np.float32, "token_advantages": np.float32, "completion_ids": np.int64}
+_TOKEN_ARRAYS = {
+    "token_margins": np.float32,
+    "token_advantages": np.float32,
+    "completion_ids": np.int64,
+    "teachability_kept": np.int8,
+}
 
 
 def _compact(record: dict) -> dict:
@@ -1076,7 +1249,8 @@ class ReleaseDiagnosticsCallback(TrainerCallback):
 
     The trainer hands over each micro-batch's records (:func:`trajectory_records`) with :meth:`add`. On
     ``on_save`` and ``on_train_end`` the main process (``state.is_world_process_zero``) writes ``release.png`` and
-    ``margin_curve.png`` (and the records as ``release_records.jsonl``) into ``args.output_dir``, or into
+    ``margin_curve.png`` (and the records as ``release_records.jsonl``; ``teachability.png`` too when the records
+    carry ``teachability_kept``, as with ``supervision="token_teachability"``) into ``args.output_dir``, or into
     ``args.output_dir/subdir`` when ``subdir`` is given. Each process keeps only its own records, so the plots show
     the main process's share of the batches.
 
@@ -1113,11 +1287,14 @@ class ReleaseDiagnosticsCallback(TrainerCallback):
             return {}
         directory = Path(output_dir) / self.subdir if self.subdir else Path(output_dir)
         directory.mkdir(parents=True, exist_ok=True)
-        return {
+        files = {
             "release.png": plot_release(records, directory / "release.png"),
             "margin_curve.png": plot_margin_curve(records, directory / "margin_curve.png", self.bins),
             "release_records.jsonl": write_records(records, directory / "release_records.jsonl"),
         }
+        if any("teachability_kept" in r for r in records):
+            files["teachability.png"] = plot_teachability(records, directory / "teachability.png", self.bins)
+        return files
 
     def _maybe_write(self, args, state) -> None:
         if state.is_world_process_zero and args.output_dir:

@@ -221,9 +221,10 @@ class TeachabilityGKDTrainer(DistillationTrainer):
         loss = weighted / (n_valid.clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
         self.last_supervision = supervision
         if self.release_diagnostics is not None and self.model.training:
+            token_weights = supervision.weights if args.supervision == "token_teachability" else None
             records = trajectory_records(
                 inputs["completion_ids"], inputs["completion_mask"], loss_mask, segment_ids, supervision,
-                signals.margins, advantages,
+                signals.margins, advantages, teachability_weights=token_weights,
             )  # fmt: skip
             self.release_diagnostics.add(records, step=self.state.global_step)
         self._pending_stats = supervision_stats(supervision, loss_mask, advantages, signals.margins, signals.features)
