@@ -58,11 +58,6 @@ LABELS = {
 }
 STUDENT_SEED, TEACHER_SEED, TRAIN_SEED = 0, 1, 42
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -110,38 +105,18 @@ def _synthetic_corpus(n_lines: int = 60_000, seed: int = 0) -> list[str]:
 
 def build_tokenizer_json(vocab_size: int, path: str) -> str:
     """Train a byte-level BPE of exactly `vocab_size` tokens (filler tokens appended if BPE stops short)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from trl_ltc.testing import train_bpe
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_synthetic_corpus(), trainer=trainer)
-    missing = vocab_size - tok.get_vocab_size(with_added_tokens=True)
-    if missing > 0:
-        tok.add_tokens([f"<filler_{i}>" for i in range(missing)])
-    tok.save(path)
+    train_bpe(_synthetic_corpus(), vocab_size, exact=True).save(path)
     return path
 
 
 def load_tokenizer(path: str):
     from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
 
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_file(path),
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        bos_token=None,
-        padding_side="left",
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+    from trl_ltc.testing import wrap_tokenizer
+
+    return wrap_tokenizer(Tokenizer.from_file(path))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -198,22 +173,9 @@ class RssSampler(threading.Thread):
 
 
 def _make_model(vocab_size: int, seed: int):
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from trl_ltc.testing import tiny_causal_lm
 
-    config = AutoConfig.for_model(
-        "qwen2",
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return tiny_causal_lm(vocab_size, seed).train()
 
 
 def _prompts(n: int, seed: int = 0) -> list[list[dict]]:
