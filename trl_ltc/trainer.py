@@ -275,9 +275,17 @@ class TeachabilityGKDTrainer(DistillationTrainer):
             self._warned_empty = True
         loss = weighted / (n_valid.clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
         if not bool(torch.isfinite(loss)):  # one scalar, before backward: the weights are never touched by it
+            if parent_loss:
+                cause = (
+                    "The parent's divergence is infinite where the teacher gives a token probability 0 (a -inf logit, "
+                    "e.g. a masked vocabulary) that the student does not; use loss_type='advantage', whose teacher "
+                    "log-probabilities are floored at log(1e-12)."
+                )
+            else:
+                cause = "Both models' logits were finite; please report this with the run's config."
             raise FloatingPointError(
-                f"The loss is {float(loss)} {self._at_step()}. The logits were finite; please report this with the "
-                f"run's config (supervision={args.supervision!r}, loss_type={args.loss_type!r})."
+                f"The loss is {loss.item()} {self._at_step()} (supervision={args.supervision!r}, "
+                f"loss_type={args.loss_type!r}). {cause}"
             )
         self.last_supervision = supervision
         if self.release_diagnostics is not None and self.model.training:
