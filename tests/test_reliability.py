@@ -329,7 +329,12 @@ def test_long_prompts_are_truncated_from_the_left_with_one_warning(tmp_path, tok
     assert min(map(len, full)) > 9
     _fixed_completions(trainer)
     generate, seen = trainer._generate_single_turn, []
-    trainer._generate_single_turn = lambda prompt_ids, *a, **k: seen.extend(prompt_ids) or generate(prompt_ids, *a, **k)
+
+    def recording(prompt_ids, *args, **kwargs):
+        seen.extend(prompt_ids)
+        return generate(prompt_ids, *args, **kwargs)
+
+    trainer._generate_single_turn = recording
     with caplog.at_level(logging.WARNING, logger="trl_ltc.trainer"):
         trainer.train()
     assert seen and all(len(ids) == 9 and any(ids == f[-9:] for f in full) for ids in seen)
@@ -344,7 +349,10 @@ TEXTS = [
     "مرحبا بالعالم. كيف حالك؟",
     "नमस्ते दुनिया। यह एक परीक्षण है।",
     "def f(x):\n    return {k: v for k, v in x.items() if v}  # comment.\n\nprint(f({'a': 1}))",
-    "We have $\\int_0^1 x^2\\,dx = \\frac{1}{3}$. Hence $\\sum_{n\\ge1} 2^{-n} = 1$.\n\\begin{align} a &= b \\end{align}",
+    (
+        "We have $\\int_0^1 x^2\\,dx = \\frac{1}{3}$. Hence $\\sum_{n\\ge1} 2^{-n} = 1$.\n"
+        "\\begin{align} a &= b \\end{align}"
+    ),
     "Emoji 🙂🚀👨‍👩‍👧 everywhere!!! 🎉 Done… ok?",
     "\n\n   \t ",
     "...!!!???",
@@ -529,13 +537,14 @@ def supervision_batches(draw):
         length = draw(st.integers(0, width))
         start = 0 if draw(st.booleans()) else width - length
         completion_mask[b, start : start + length] = 1
-        if length and not draw(st.integers(0, 5)) == 0:  # one row in six: an empty completion (no segment)
+        if length and draw(st.integers(0, 5)) != 0:  # one row in six: an empty completion (no segment)
             breaks = draw(st.lists(st.booleans(), min_size=length - 1, max_size=length - 1))
             segment_ids[b, start : start + length] = torch.tensor([0] + breaks).cumsum(0)
     holes = torch.tensor(draw(st.lists(st.booleans(), min_size=batch * width, max_size=batch * width)))
     loss_mask = completion_mask * ~(holes.reshape(batch, width) & draw(st.booleans()))  # e.g. tool outputs
     values = st.floats(0.0, 30.0) | st.sampled_from([0.0, 1e-30, 27.631021, 1e6])
-    margins = torch.tensor(draw(st.lists(values, min_size=batch * width, max_size=batch * width))).reshape(batch, width)
+    margins = torch.tensor(draw(st.lists(values, min_size=batch * width, max_size=batch * width)))
+    margins = margins.reshape(batch, width)
     advantages = -margins.flip(-1)
     features = TeachabilityFeatures(*(margins.remainder(1.0 + k) for k in range(3)))
     return loss_mask, segment_ids, margins, advantages, features
@@ -566,9 +575,8 @@ def test_fuzz_supervision_weights(data, prefix, seed, score, ratio):
         assert (weights[loss_mask == 0] == 0).all(), policy
         if policy == "full":
             assert torch.equal(weights, loss_mask)
-        elif policy == "token_teachability":  # one budget for the whole batch, rescaled to its mass
-            if (weights > 0).any():
-                assert weights.sum().item() == pytest.approx(loss_mask.sum().item(), rel=1e-5)
+        elif policy == "token_teachability" and (weights > 0).any():  # one batch budget, rescaled to its mass
+            assert weights.sum().item() == pytest.approx(loss_mask.sum().item(), rel=1e-5)
         for b in range(loss_mask.shape[0]) if policy in PREFIX_POLICIES else ():
             kept = weights[b] > 0
             assert _kept_is_a_prefix(kept, loss_mask[b]), (policy, b)

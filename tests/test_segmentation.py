@@ -577,4 +577,5 @@ def test_fuzz_fixed(tokenizer, data, window):
     seg = segment_completions(x, m, tokenizer, method="fixed", window=window)
     _check_invariants(seg, m, x, tokenizer)
     for b, r in enumerate(rows):
-        assert _valid(seg, m)[b] == ([-1] * len(r) if _textless(tokenizer, r) else [i // window for i in range(len(r))])
+        expected = [-1] * len(r) if _textless(tokenizer, r) else [i // window for i in range(len(r))]
+        assert _valid(seg, m)[b] == expected

@@ -153,7 +153,9 @@ class TeachabilityGKDConfig(DistillationConfig):
                 f"got {self.fixed_prefix_length}."
             )
         if self.max_prompt_length is not None and self.max_prompt_length < 1:
-            raise ValueError(f"`max_prompt_length` must be >= 1 or None (no truncation); got {self.max_prompt_length}.")
+            raise ValueError(
+                f"`max_prompt_length` must be >= 1 or None (no truncation); got {self.max_prompt_length}."
+            )
         if self.signal_chunk_size is not None and self.signal_chunk_size < 1:
             raise ValueError(f"`signal_chunk_size` must be >= 1; got {self.signal_chunk_size}.")
         if not 0.0 < self.token_keep_ratio <= 1.0:

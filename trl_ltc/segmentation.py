@@ -402,8 +402,8 @@ def segment_completions(
     Args:
         completion_ids: ``[B, T]`` generated token ids.
         completion_mask: ``[B, T]``; nonzero on completion tokens. Padding may be on either side.
-        tokenizer: the tokenizer that produced ``completion_ids`` (optional for ``method="fixed"``, where it only serves
-            to recognise empty completions).
+        tokenizer: the tokenizer that produced ``completion_ids`` (optional for ``method="fixed"``, where it only
+            serves to recognise empty completions).
         method: ``"nltk"`` (Punkt sentences, default), ``"newline"`` (lines) or ``"fixed"`` (token windows).
         window: window length in tokens for ``method="fixed"`` (>= 1).
 

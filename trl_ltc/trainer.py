@@ -28,6 +28,7 @@ from .supervision import reduce_stats, supervision_stats, supervision_weights
 
 logger = logging.getLogger(__name__)
 
+
 class TeachabilityGKDTrainer(DistillationTrainer):
     """On-policy distillation that supervises only where the teacher is still teachable.
 
@@ -139,14 +140,14 @@ class TeachabilityGKDTrainer(DistillationTrainer):
         prompt_ids, truncated = truncate_prompt_ids(prompt_ids, limit)
         if truncated and (images is not None or multimodal_fields):
             raise ValueError(
-                f"A prompt has {longest} tokens, more than `max_prompt_length={limit}`, and carries images: truncating "
-                "it would cut image tokens. Raise `max_prompt_length` or shorten the prompts."
+                f"A prompt has {longest} tokens, more than `max_prompt_length={limit}`, and carries images: "
+                "truncating it would cut image tokens. Raise `max_prompt_length` or shorten the prompts."
             )
         if truncated and not self._warned_truncation:
             logger.warning(
-                "%d of %d prompts are longer than `max_prompt_length=%d` tokens (the longest has %d) and were truncated "
-                "from the left, keeping their end. Raise `max_prompt_length` to keep them whole. This warning is shown "
-                "once.",
+                "%d of %d prompts are longer than `max_prompt_length=%d` tokens (the longest has %d) and were "
+                "truncated from the left, keeping their end. Raise `max_prompt_length` to keep them whole. This "
+                "warning is shown once.",
                 truncated, len(prompt_ids), limit, longest,
             )  # fmt: skip
             self._warned_truncation = True
