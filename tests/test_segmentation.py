@@ -75,13 +75,23 @@ def _valid(seg, mask):
     return [seg[b][mask[b].bool()].tolist() for b in range(seg.shape[0])]
 
 
-def _check_invariants(seg, mask):
+def _textless(tok, row):
+    """Reference: a completion of special tokens and out-of-vocabulary ids only holds no text."""
+    return bool(row) and all(t in tok.all_special_ids or not 0 <= t < len(tok) for t in row)
+
+
+def _check_invariants(seg, mask, ids=None, tok=None):
+    """Segment-id invariants; with `ids` and `tok`, rows without text must have no segment (and only those)."""
     assert seg.dtype == torch.long and seg.shape == mask.shape
     assert torch.all(seg[mask == 0] == -1)
-    for row in _valid(seg, mask):
+    rows = _valid(ids, mask) if ids is not None else [None] * seg.shape[0]
+    for row, row_ids in zip(_valid(seg, mask), rows):
         if not row:
             continue
         arr = np.asarray(row)
+        if ids is not None and _textless(tok, row_ids):
+            assert np.all(arr == -1)
+            continue
         assert arr[0] == 0
         assert np.all(np.diff(arr) >= 0) and np.all(np.diff(arr) <= 1)
 
@@ -205,13 +215,19 @@ def test_special_and_whitespace_tokens_join_previous(tokenizer):
     assert seg == [0] * n_lead + [1] * (len(b) + 2)
 
 
-def test_only_special_tokens_one_segment(tokenizer):
+def test_only_special_tokens_no_segment(tokenizer):
+    """An empty completion (EOS first, or only special tokens / ids outside the vocabulary) has no segment."""
     eos = tokenizer.eos_token_id
-    x, m = _pad([[eos, eos, 1]], tokenizer.pad_token_id, width=5)
-    seg = segment_completions(x, m, tokenizer)
-    assert seg.tolist() == [[0, 0, 0, -1, -1]]
+    rows = [[eos, eos, 1], [eos], [eos, len(tokenizer) + 3], tokenizer.encode("Hi.") + [eos], tokenizer.encode(" ")]
+    x, m = _pad(rows, tokenizer.pad_token_id, width=5)
+    expected = [[-1] * 5, [-1] * 5, [-1] * 5, [0] * len(rows[3]) + [-1] * (5 - len(rows[3])), [0] + [-1] * 4]
     for method in SEGMENTATION_METHODS:
-        assert segment_completions(x, m, tokenizer, method=method).tolist() == [[0, 0, 0, -1, -1]]
+        assert segment_completions(x, m, tokenizer, method=method).tolist() == expected, method
+        if torch.cuda.is_available():
+            got = segment_completions(x.cuda(), m.cuda(), tokenizer, method=method)
+            assert got.cpu().tolist() == expected, method
+    # without a tokenizer, `fixed` cannot tell special tokens: plain windows
+    assert segment_completions(x, m, None, method="fixed").tolist()[0] == [0, 0, 0, -1, -1]
 
 
 def test_no_punctuation_single_segment(tokenizer):
@@ -464,7 +480,7 @@ def _fuzz(tok, rows, holes, method):
     for side in ("left", "right"):
         x, m = _pad(rows, tok.pad_token_id, side=side, width=width)
         seg = segment_completions(x, m, tok, method=method)
-        _check_invariants(seg, m)
+        _check_invariants(seg, m, x, tok)
         results[side] = _valid(seg, m)
     assert results["left"] == results["right"]
     # random holes in the mask: valid tokens still follow the invariants
@@ -473,7 +489,7 @@ def _fuzz(tok, rows, holes, method):
         for i, drop in enumerate(h[: len(rows[b])]):
             if drop:
                 m[b, i] = 0
-    _check_invariants(segment_completions(x, m, tok, method=method), m)
+    _check_invariants(segment_completions(x, m, tok, method=method), m, x, tok)
 
 
 def _reference_segments(tok, text, method):
@@ -559,6 +575,7 @@ def test_fuzz_fixed(tokenizer, data, window):
     width = max(len(r) for r in rows) + 1
     x, m = _pad(rows, tokenizer.pad_token_id, side="left", width=width)
     seg = segment_completions(x, m, tokenizer, method="fixed", window=window)
-    _check_invariants(seg, m)
+    _check_invariants(seg, m, x, tokenizer)
     for b, r in enumerate(rows):
-        assert _valid(seg, m)[b] == [i // window for i in range(len(r))]
+        expected = [-1] * len(r) if _textless(tokenizer, r) else [i // window for i in range(len(r))]
+        assert _valid(seg, m)[b] == expected

@@ -48,6 +48,9 @@ class TeachabilityGKDConfig(DistillationConfig):
             is `trl.DistillationTrainer`'s generalized JSD (see `beta`) with the supervision weights applied per token.
         signal_chunk_size (`int`, *optional*): completion positions projected to the vocabulary at a time when the
             per-token signals are computed; by default about 64M logits per chunk.
+        max_prompt_length (`int`, *optional*): prompts longer than this many tokens (after the chat template) are
+            truncated from the left, keeping their end (the question and the generation prompt), with one warning.
+            `None` (default) keeps every prompt whole.
         release_diagnostics_steps (`int`, defaults to `10`): the release records of the last N steps are kept and
             plotted into `output_dir` at each save and at the end of training (`trl_ltc.diagnostics`); 0 turns it off.
         token_score, token_keep_ratio, token_top_k, token_min_keep: TA-OPD selection, see the fields' help.
@@ -95,6 +98,13 @@ class TeachabilityGKDConfig(DistillationConfig):
         default=None,
         metadata={"help": "Completion positions per vocabulary projection chunk (default: ~64M logits per chunk)."},
     )
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Truncate prompts longer than this many tokens (after the chat template) from the left, with one "
+            "warning. None keeps every prompt whole."
+        },
+    )
     release_diagnostics_steps: int = field(
         default=10,
         metadata={
@@ -129,7 +139,10 @@ class TeachabilityGKDConfig(DistillationConfig):
         _choice("loss_type", self.loss_type, LOSS_TYPES)
         _choice("token_score", self.token_score, TOKEN_SCORES)
         if self.release_top_k < 2:
-            raise ValueError(f"`release_top_k` must be >= 2 (the margin compares the top two); got {self.release_top_k}.")
+            raise ValueError(
+                f"`release_top_k` must be >= 2 (the margin compares the top two) and at most the vocabulary size; "
+                f"got {self.release_top_k}."
+            )
         if self.release_diagnostics_steps < 0:
             raise ValueError(f"`release_diagnostics_steps` must be >= 0 (0 turns it off); got {self.release_diagnostics_steps}.")
         if self.segment_window < 1:
@@ -138,6 +151,10 @@ class TeachabilityGKDConfig(DistillationConfig):
             raise ValueError(
                 "`fixed_prefix_length` must be a positive number of tokens when `supervision='fixed_prefix'`; "
                 f"got {self.fixed_prefix_length}."
+            )
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise ValueError(
+                f"`max_prompt_length` must be >= 1 or None (no truncation); got {self.max_prompt_length}."
             )
         if self.signal_chunk_size is not None and self.signal_chunk_size < 1:
             raise ValueError(f"`signal_chunk_size` must be >= 1; got {self.signal_chunk_size}.")

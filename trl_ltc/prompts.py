@@ -135,3 +135,20 @@ def prepare_prompt_dataset(
 
 def _as_user_message(prompt):
     return {PROMPT_COLUMN: [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt}
+
+
+def truncate_prompt_ids(prompt_ids: list[list[int]], max_length: int) -> tuple[list[list[int]], int]:
+    """Keep the last `max_length` tokens of every tokenized prompt.
+
+    Prompts are cut from the left: their end -- the question and the chat template's generation prompt, which the
+    completion continues -- is kept, a long context or system message loses its beginning.
+
+    Returns:
+        `(prompt_ids, number of prompts that were truncated)`.
+    """
+    if max_length < 1:
+        raise ValueError(f"`max_prompt_length` must be >= 1; got {max_length}.")
+    truncated = sum(len(ids) > max_length for ids in prompt_ids)
+    if not truncated:
+        return prompt_ids, 0
+    return [list(ids[-max_length:]) if len(ids) > max_length else ids for ids in prompt_ids], truncated

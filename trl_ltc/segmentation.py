@@ -20,6 +20,9 @@ incremental decode produced it.
   and never skip a value (a sentence in which no token starts is merged into the segment before it).
 * Positions where ``completion_mask`` is 0 get ``-1`` and are ignored entirely (left or right padding, or holes, are
   all fine). A completion with no valid token has no segment.
+* An *empty* completion -- one whose valid tokens are all special tokens (e.g. EOS sampled first) or ids outside the
+  vocabulary, so that it holds no text -- has no segment either: all its tokens get ``-1``, with every method (for
+  ``"fixed"`` only when a tokenizer is given). The release rule then keeps none of its tokens.
 
 Segment boundaries per method
 -----------------------------
@@ -288,6 +291,34 @@ _ALIGNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _ALIGNERS_LOCK = threading.Lock()
 
 
+_SPECIAL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _textless_ids(tokenizer) -> tuple[int, np.ndarray]:
+    """``(vocabulary size, sorted special ids)`` of ``tokenizer``, cached per tokenizer."""
+    size = len(tokenizer)
+    try:
+        cached = _SPECIAL.get(tokenizer)
+    except TypeError:
+        cached = None
+    if cached is not None and cached[0] == size:
+        return cached
+    result = (size, np.array(sorted(_special_ids(tokenizer)), dtype=np.int64))
+    try:
+        with _ALIGNERS_LOCK:
+            _SPECIAL[tokenizer] = result
+    except TypeError:
+        pass
+    return result
+
+
+def _empty_rows(ids: np.ndarray, valid: np.ndarray, tokenizer) -> np.ndarray:
+    """``[B]`` bool: rows with valid tokens that are all special tokens or ids outside the vocabulary (no text)."""
+    size, special = _textless_ids(tokenizer)
+    textless = np.isin(ids, special) | (ids < 0) | (ids >= size)
+    return valid.any(axis=1) & ~(valid & ~textless).any(axis=1)
+
+
 def _get_aligner(tokenizer):
     key_len = len(tokenizer)
     try:
@@ -371,13 +402,15 @@ def segment_completions(
     Args:
         completion_ids: ``[B, T]`` generated token ids.
         completion_mask: ``[B, T]``; nonzero on completion tokens. Padding may be on either side.
-        tokenizer: the tokenizer that produced ``completion_ids`` (not needed for ``method="fixed"``).
+        tokenizer: the tokenizer that produced ``completion_ids`` (optional for ``method="fixed"``, where it only
+            serves to recognise empty completions).
         method: ``"nltk"`` (Punkt sentences, default), ``"newline"`` (lines) or ``"fixed"`` (token windows).
         window: window length in tokens for ``method="fixed"`` (>= 1).
 
     Returns:
         ``LongTensor[B, T]`` on ``completion_ids.device``: segment ids ``0..n_b-1`` on completion tokens (contiguous,
-        non-decreasing, starting at 0), ``-1`` where ``completion_mask`` is 0.
+        non-decreasing, starting at 0), ``-1`` where ``completion_mask`` is 0 and on every token of an empty
+        completion (only special tokens, e.g. EOS first: no text, no segment).
 
     A token belongs to the segment containing the first non-whitespace character of its decoded text; tokens adding
     only whitespace or no text at all (EOS and other special tokens, trailing bytes of a multi-byte character split
@@ -402,8 +435,18 @@ def segment_completions(
             if window > 1:
                 rank_np //= int(window)
             np.copyto(rank_np, -1, where=~valid_np)
+            if tokenizer is not None:
+                rank_np[_empty_rows(completion_ids.detach().numpy(), valid_np, tokenizer)] = -1
             return torch.from_numpy(rank_np)
-        return _fixed_segments_torch(completion_mask.to(device=device), int(window))
+        segments = _fixed_segments_torch(completion_mask.to(device=device), int(window))
+        if tokenizer is not None:  # the same test as `_empty_rows`, on the device (no host sync)
+            size, special = _textless_ids(tokenizer)
+            textless = torch.isin(completion_ids, torch.from_numpy(special).to(device))
+            textless |= (completion_ids < 0) | (completion_ids >= size)
+            valid = segments >= 0
+            empty = valid.any(dim=1) & ~(valid & ~textless).any(dim=1)
+            segments.masked_fill_(empty[:, None], -1)
+        return segments
 
     if tokenizer is None:
         raise ValueError(f"A tokenizer is required for method={method!r}.")
@@ -420,4 +463,5 @@ def segment_completions(
                 continue
             text, tok_cstart, tok_cend = aligner.align(idx_all[b, cols])
             out[b, cols] = _assign(text, tok_cstart, tok_cend, splitter)
+        out[_empty_rows(ids_np, valid_np, tokenizer)] = -1
     return torch.from_numpy(out).to(device)

@@ -6,7 +6,8 @@ hidden states a chunk of positions at a time, and reduced on the spot to a handf
 - `student_logprobs`: `log pS(y_t)`, differentiable. The backward pass recomputes the student's projection tile by
   tile (TRL's `ChunkedLogProbFunction` backward), so only the hidden states and one log-normaliser per token are kept
   for it.
-- `teacher_logprobs`: `log pT(y_t)`.
+- `teacher_logprobs`: `log pT(y_t)`, floored at `log(1e-12)` like the margin's log-probs (formula 4), so that a
+  sampled token the teacher masks out (`-inf` logit) gives a finite advantage instead of an infinite loss.
 - `margins`: the teacher margin on the student's top-K (formula 4, `trl_ltc.release.support_margin`).
 - `student_entropy`: the student's full-vocabulary entropy (for the parent's `entropy` metric).
 - `features`: the TA-OPD token features (`trl_ltc.teachability`), when asked for.
@@ -23,7 +24,7 @@ from typing import NamedTuple
 import torch
 from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 
-from .release import support_margin
+from .release import LOG_PROB_FLOOR, support_margin
 from .teachability import TeachabilityFeatures, features_from_logprobs
 
 # Logits per projection chunk when `chunk_size` is not given (positions = this / vocabulary size).
@@ -116,7 +117,8 @@ class _ChunkedSignals(ChunkedLogProbFunction):
             log_z[rows] = torch.logsumexp(z, dim=-1)
             target_logits[rows] = z.gather(-1, targets[rows, None]).squeeze(-1)
             student_logprobs = z - log_z[rows, None]
-            entropy[rows] = -(student_logprobs.exp() * student_logprobs).sum(-1)
+            # 0 * -inf (a masked-out vocabulary entry) is NaN: such entries contribute 0 to the entropy.
+            entropy[rows] = -(student_logprobs.exp() * student_logprobs).nan_to_num_(0.0).sum(-1)
             t_logprobs = torch.log_softmax(teacher_head.logits(teacher_hidden[rows], temperature, compute_dtype), -1)
             teacher_logprobs[rows] = t_logprobs.gather(-1, targets[rows, None]).squeeze(-1)
             if top_k:
@@ -125,6 +127,7 @@ class _ChunkedSignals(ChunkedLogProbFunction):
                 features.append(features_from_logprobs(student_logprobs, t_logprobs, feature_k))
         _check_finite(log_z, "student")
         _check_finite(teacher_logprobs, "teacher", allow_neg_inf=True)
+        teacher_logprobs.clamp_(min=LOG_PROB_FLOOR)
         ctx.save_for_backward(hidden, weight, bias, targets, log_z, log_z)  # no entropy gradient: `log_z` fills it
         ctx.compute_dtype = compute_dtype
         ctx.chunk_size = min(vocab, _BACKWARD_VOCAB_TILE)
@@ -152,11 +155,22 @@ class SignalsError(FloatingPointError):
     """Non-finite logits reached the signals (the message names the model)."""
 
 
+NON_FINITE_ADVICE = {
+    "student": "The student's weights or activations overflowed: lower the learning rate, keep gradient clipping on "
+    "(`max_grad_norm`), train in bf16 or fp32 rather than fp16, and resume from the last checkpoint.",
+    "teacher": "The teacher overflowed in its dtype: load it in bf16 or fp32 rather than fp16 and check its weights "
+    "(a teacher whose logits are all -inf at a position is not a distribution either).",
+}
+
+
 def _check_finite(values: torch.Tensor, model: str, allow_neg_inf: bool = False) -> None:
+    # One reduction over per-token values the pass computes anyway: NaN or +inf anywhere in a row of logits makes the
+    # row's log-normaliser (student) or log-softmax (teacher) NaN/inf.
     bad = torch.isnan(values) | (values == math.inf) | (False if allow_neg_inf else values == -math.inf)
     if bool(bad.any()):
         raise SignalsError(
-            f"The {model} model produced non-finite logits (NaN or inf) at {int(bad.sum())} completion position(s)."
+            f"The {model} model produced non-finite logits (NaN or inf) at {int(bad.sum())} completion position(s). "
+            f"{NON_FINITE_ADVICE[model]}"
         )
 
 

@@ -55,17 +55,18 @@ def segment_std(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: t
 def random_release_weights(
     segment_ids: torch.Tensor, loss_mask: torch.Tensor, change_point: ChangePoint, generator: torch.Generator
 ) -> torch.Tensor:
-    """The release fractions of `change_point` permuted across the batch's non-empty trajectories.
+    """The release fractions of `change_point` permuted across the batch's segmented trajectories.
 
     Each trajectory's kept fraction (kept completion tokens / completion tokens) is computed by the release rule;
-    the fractions are shuffled across trajectories with `generator` and each trajectory keeps the first
-    `ceil(fraction * its own length)` completion tokens (mass-preserving rescale).
+    the fractions are shuffled across the trajectories that have supervised tokens and at least one segment, with
+    `generator`, and each of them keeps the first `ceil(fraction * its own length)` completion tokens (mass-preserving
+    rescale). Trajectories without a segment (empty completions) keep nothing, as under `release`.
     """
     mask = loss_mask > 0
     kept = release_weights(segment_ids, loss_mask, change_point) > 0
     length = mask.sum(-1)
     fraction = kept.sum(-1) / length.clamp(min=1)
-    rows = (length > 0).nonzero().squeeze(-1)
+    rows = ((length > 0) & (mask & (segment_ids >= 0)).any(-1)).nonzero().squeeze(-1)
     order = torch.randperm(rows.numel(), generator=generator, device=generator.device).to(rows.device)
     fraction[rows] = fraction[rows[order]]
     keep_len = torch.ceil(fraction * length - 1e-6)

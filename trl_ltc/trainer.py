@@ -4,21 +4,30 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import logging
 import os
+import re
 import textwrap
 import warnings
 
 import torch
 import trl.trainer.distillation_trainer as _distillation
+from datasets import Dataset, IterableDataset
 from transformers import AutoConfig, AutoTokenizer, ProcessorMixin
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import DistillationTrainer
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 
 from .config import MARGIN_POLICIES, SUPERVISIONS, TeachabilityGKDConfig
 from .diagnostics import ReleaseDiagnosticsCallback, trajectory_records
+from .prompts import truncate_prompt_ids, validate_prompt_dataset
 from .segmentation import segment_completions
-from .signals import OutputHead, SignalsError, signals_from_hidden
+from .signals import NON_FINITE_ADVICE, OutputHead, SignalsError, signals_from_hidden
 from .supervision import reduce_stats, supervision_stats, supervision_weights
+
+logger = logging.getLogger(__name__)
+
 
 class TeachabilityGKDTrainer(DistillationTrainer):
     """On-policy distillation that supervises only where the teacher is still teachable.
@@ -85,6 +94,8 @@ class TeachabilityGKDTrainer(DistillationTrainer):
             )
         if teacher_model is None:
             raise ValueError(_remote_teacher_message(args.supervision))
+        # Cheap checks first: a wrong dataset or vocabulary fails in seconds, before two models are loaded.
+        _check_datasets(train_dataset, eval_dataset)
         _check_vocabularies(model, teacher_model, processing_class, teacher_processing_class, args)
         super().__init__(
             model=model,
@@ -99,18 +110,63 @@ class TeachabilityGKDTrainer(DistillationTrainer):
             peft_config=peft_config,
             tools=tools,
         )
-        vocab = self.model.get_output_embeddings().weight.shape[0]
-        for name in ("release_top_k", "token_top_k"):
-            if getattr(args, name) > vocab:
-                raise ValueError(f"`{name}` must be at most the vocabulary size {vocab}; got {getattr(args, name)}.")
+        _check_top_k(args, self.model.get_output_embeddings().weight.shape[0])  # the head itself, once loaded
         self.release_generator = torch.Generator().manual_seed(args.release_seed + self.accelerator.process_index)
         self._pending_stats = None
         self._warned_empty = False
+        self._warned_truncation = False
         self.last_supervision = None  # the `Supervision` of the latest micro-batch (weights, change point, scores)
         self.release_diagnostics = None
         if args.release_diagnostics_steps > 0:
             self.release_diagnostics = ReleaseDiagnosticsCallback(max_steps_kept=args.release_diagnostics_steps)
             self.add_callback(self.release_diagnostics)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
+        """`Trainer.train`; `resume_from_checkpoint=True` resumes from the last *complete* checkpoint of `output_dir`.
+
+        A run killed while it was writing a checkpoint leaves that folder without a readable `trainer_state.json`
+        (the file the trainer writes last); it is skipped with a warning instead of failing the resume.
+        """
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir) or True
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+
+    def _tokenize_prompts(self, prompts: list):
+        prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
+        limit = self.args.max_prompt_length
+        if limit is None:
+            return prompt_ids, images, multimodal_fields
+        longest = max(map(len, prompt_ids), default=0)
+        prompt_ids, truncated = truncate_prompt_ids(prompt_ids, limit)
+        if truncated and (images is not None or multimodal_fields):
+            raise ValueError(
+                f"A prompt has {longest} tokens, more than `max_prompt_length={limit}`, and carries images: "
+                "truncating it would cut image tokens. Raise `max_prompt_length` or shorten the prompts."
+            )
+        if truncated and not self._warned_truncation:
+            logger.warning(
+                "%d of %d prompts are longer than `max_prompt_length=%d` tokens (the longest has %d) and were "
+                "truncated from the left, keeping their end. Raise `max_prompt_length` to keep them whole. This "
+                "warning is shown once.",
+                truncated, len(prompt_ids), limit, longest,
+            )  # fmt: skip
+            self._warned_truncation = True
+        return prompt_ids, images, multimodal_fields
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
+        try:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
+        except RuntimeError as error:  # `torch.multinomial` on NaN/inf probabilities while sampling
+            if "probability tensor contains" not in str(error):
+                raise
+            raise SignalsError(
+                "The student model produced non-finite logits (NaN or inf) while sampling completions "
+                f"{self._at_step()}. {NON_FINITE_ADVICE['student']}"
+            ) from error
+
+    def _at_step(self) -> str:
+        step = self.state.global_step
+        return f"at optimizer step {step + 1} (global_step={step}); no update of this step was applied"
 
     def _save_rng_state(self, output_dir: str) -> None:
         # Checkpoints carry the `random_release` / random token-score generator, so a resumed run draws the same.
@@ -184,7 +240,7 @@ class TeachabilityGKDTrainer(DistillationTrainer):
                     feature_k=args.token_top_k if args.supervision == "token_teachability" else None,
                 )
             except SignalsError as error:
-                raise SignalsError(f"{error} Step {self.state.global_step}; no update was applied.") from error
+                raise SignalsError(f"{error} Raised {self._at_step()}.") from error
         # Every policy reports the change point of the batch (what `release` would keep), so segments are always built.
         segment_ids = segment_completions(
             inputs["completion_ids"], inputs["completion_mask"], self._tokenizer, args.segmentation, args.segment_window
@@ -219,6 +275,19 @@ class TeachabilityGKDTrainer(DistillationTrainer):
             warnings.warn("A batch has no supervised completion tokens: its loss is 0 and it does not update the model.")
             self._warned_empty = True
         loss = weighted / (n_valid.clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+        if not bool(torch.isfinite(loss)):  # one scalar, before backward: the weights are never touched by it
+            if parent_loss:
+                cause = (
+                    "The parent's divergence is infinite where the teacher gives a token probability 0 (a -inf logit, "
+                    "e.g. a masked vocabulary) that the student does not; use loss_type='advantage', whose teacher "
+                    "log-probabilities are floored at log(1e-12)."
+                )
+            else:
+                cause = "Both models' logits were finite; please report this with the run's config."
+            raise FloatingPointError(
+                f"The loss is {loss.item()} {self._at_step()} (supervision={args.supervision!r}, "
+                f"loss_type={args.loss_type!r}). {cause}"
+            )
         self.last_supervision = supervision
         if self.release_diagnostics is not None and self.model.training:
             token_weights = supervision.weights if args.supervision == "token_teachability" else None
@@ -233,6 +302,48 @@ class TeachabilityGKDTrainer(DistillationTrainer):
 
 def _release_rng_file(directory: str, process_index: int) -> str:
     return os.path.join(directory, f"release_rng_state_{process_index}.pth")
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The `checkpoint-N` folder of `output_dir` with the largest N whose `trainer_state.json` reads back.
+
+    The trainer writes `trainer_state.json` after the weights, optimizer, scheduler and RNG states, so a folder
+    without it (or with a truncated one) is a checkpoint whose writing was interrupted; such folders are skipped with
+    a warning. `None` when there is no complete checkpoint.
+    """
+    if not os.path.isdir(output_dir):
+        return None
+    pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+    found = [(int(m.group(1)), name) for name in os.listdir(output_dir) if (m := pattern.match(name))]
+    for _, name in sorted(found, reverse=True):
+        path = os.path.join(output_dir, name)
+        try:
+            with open(os.path.join(path, "trainer_state.json")) as file:
+                json.load(file)
+        except (OSError, ValueError):
+            logger.warning("Skipping %s: it has no readable trainer_state.json (its writing was interrupted).", path)
+            continue
+        return path
+    return None
+
+
+def _check_datasets(train_dataset, eval_dataset) -> None:
+    """Empty datasets and datasets without a usable `prompt` column fail here, before any model is loaded."""
+    named = [("train_dataset", train_dataset)]
+    if isinstance(eval_dataset, dict):
+        named += [(f"eval_dataset[{key!r}]", value) for key, value in eval_dataset.items()]
+    else:
+        named.append(("eval_dataset", eval_dataset))
+    for name, dataset in named:
+        if isinstance(dataset, (Dataset, IterableDataset)):
+            validate_prompt_dataset(dataset, name)
+
+
+def _check_top_k(args, vocab: int) -> None:
+    for name in ("release_top_k", "token_top_k"):
+        value, low = getattr(args, name), 2 if name == "release_top_k" else 1
+        if value > vocab:
+            raise ValueError(f"`{name}` must be in [{low}, {vocab}] (the vocabulary size); got {value}.")
 
 
 @contextlib.contextmanager
@@ -296,3 +407,4 @@ def _check_vocabularies(model, teacher_model, processing_class, teacher_processi
             f"The student and the teacher must share one vocabulary: the student has vocab_size {student_size}, the "
             f"teacher {teacher_size}.{difference} OPD compares the two models' log-probabilities of the same token ids."
         )
+    _check_top_k(args, student_size)
