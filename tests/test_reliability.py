@@ -37,15 +37,6 @@ SEGMENT_POLICIES = ("release", "random_release", "adv_std_release")  # the polic
 PREFIX_POLICIES = ("fixed_prefix", *SEGMENT_POLICIES)  # the policies that keep a prefix of each trajectory
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and far faster on a busy shared CPU than oversubscribed threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _logged(trainer):
     """The metrics `compute_loss` recorded, one value each."""
     return {name: values[-1] for name, values in trainer._metrics["train"].items()}
