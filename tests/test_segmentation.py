@@ -77,7 +77,8 @@ def _valid(seg, mask):
 
 def _textless(tok, row):
     """Reference: a completion of special tokens and out-of-vocabulary ids only holds no text."""
-    return bool(row) and all(t in tok.all_special_ids or not 0 <= t < len(tok) for t in row)
+    special = set(tok.all_special_ids) | {i for i, added in tok.added_tokens_decoder.items() if added.special}
+    return bool(row) and all(t in special or not 0 <= t < len(tok) for t in row)
 
 
 def _check_invariants(seg, mask, ids=None, tok=None):
