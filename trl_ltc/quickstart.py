@@ -36,12 +36,13 @@ METRICS_FILE = "quickstart_metrics.json"
 SUMMARY_PREFIXES = ("release/", "margin/", "advantage/", "teachability/")
 
 
-def recipe_path() -> str:
-    """`configs/quickstart.yaml` of the source tree, else (non-editable install) its identical copy in the package."""
-    in_repo = Path(__file__).resolve().parents[1] / "configs" / RECIPE
+def recipe_path(name: str = RECIPE) -> str:
+    """`configs/<name>` (default: `quickstart.yaml`) of the source tree, else (non-editable install) its identical
+    copy in the package's resources."""
+    in_repo = Path(__file__).resolve().parents[1] / "configs" / name
     if in_repo.is_file():
         return str(in_repo)
-    return str(resources.files("trl_ltc.resources").joinpath(RECIPE))
+    return str(resources.files("trl_ltc.resources").joinpath(name))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_new_tokens": config.max_completion_length,
             "temperature": config.temperature,
         },
-        "train_metrics": _mean_metrics(trainer.state.log_history),
+        "train_metrics": mean_train_metrics(trainer.state.log_history),
         "teacher": teacher_dir,
         "student": student_dir,
         "distill_argv": distill_argv,
@@ -165,7 +166,7 @@ def _heldout_prompts(n: int) -> list:
     return [row["prompt"] for row in rows[:n]]
 
 
-def _mean_metrics(log_history: list[dict]) -> dict[str, float]:
+def mean_train_metrics(log_history: list[dict]) -> dict[str, float]:
     """Mean over the logged training steps of every numeric metric (`None` values, e.g. an empty suffix, skipped)."""
     values: dict[str, list[float]] = {}
     for log in log_history:
