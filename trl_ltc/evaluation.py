@@ -343,12 +343,15 @@ def load_eval_problems(
     answer_column: str | None = "answer",
     prompt_as_chat: bool = False,
     num_problems: int | None = None,
+    prompt_template: str | None = None,
 ) -> tuple[list, list | None]:
     """`(prompts, answers)` of the first `num_problems` rows (all when `None`) of a dataset split.
 
     `dataset` is what `trl_ltc.prompts.load_prompt_dataset` reads (a local .json/.jsonl/.parquet/.csv file, a
     `save_to_disk` directory or a `datasets` name). `prompt_column` is read like the trainer reads prompts (text or
-    messages; `prompt_as_chat` wraps text into a user message). `answer_column=None` gives no answers.
+    messages). `prompt_template` (e.g. `"{prompt}\n\nPut your final answer within \\boxed{}."`: `{prompt}` is replaced
+    by the text) is applied to text prompts first; `prompt_as_chat` then wraps them into a user message.
+    `answer_column=None` gives no answers.
     """
     from .prompts import PROMPT_COLUMN, load_prompt_dataset, prepare_prompt_dataset
 
@@ -361,9 +364,15 @@ def load_eval_problems(
             "answer column (`--answer_column` / `answer_column:`) to the column holding the reference answers."
         )
     answer_values = rows[answer_column] if answer_column is not None else None
-    rows = prepare_prompt_dataset(rows, dataset, prompt_column, prompt_as_chat)
+    rows = prepare_prompt_dataset(rows, dataset, prompt_column, as_chat=False)
     n = len(rows) if num_problems is None else min(num_problems, len(rows))
     prompts = rows.select(range(n))[PROMPT_COLUMN]
+    if prompt_template is not None:
+        if "{prompt}" not in prompt_template:
+            raise ValueError(f"`prompt_template` must contain '{{prompt}}'; got {prompt_template!r}.")
+        prompts = [prompt_template.replace("{prompt}", p) if isinstance(p, str) else p for p in prompts]
+    if prompt_as_chat:
+        prompts = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
     answers = None if answer_values is None else [str(a) for a in answer_values[:n]]
     return prompts, answers
 
@@ -432,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dataset_split", default="train", help="Split (default: train; a local file is the train split).")
     add("--prompt_column", default="prompt", help="Column with the prompts, text or messages (default: prompt).")
     add("--prompt_as_chat", action="store_true", help="Wrap text prompts into a user message (chat template).")
+    add("--prompt_template", help="Text prompts become this with {prompt} replaced, e.g. '{prompt} Answer in \\boxed{}.'")
     add("--answer_column", default="answer", help="Column with the reference answers (default: answer).")
     add("--answer_type", choices=ANSWER_TYPES, default="math", help="math (math-verify) or choice (A-J letters).")
     add(
@@ -499,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
 
     prompts, answers = load_eval_problems(
         args.dataset, args.dataset_split, args.dataset_config, args.prompt_column, args.answer_column,
-        args.prompt_as_chat, args.num_problems or None,
+        args.prompt_as_chat, args.num_problems or None, args.prompt_template,
     )  # fmt: skip
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     model, tokenizer = load_for_evaluation(args.model, args.base_model, dtype, device)
