@@ -5,8 +5,8 @@
     python scripts/make_gpqa_prompts.py --out data/gpqa_diamond.jsonl --seed 0
 
 GPQA stores each question with its correct answer and three incorrect ones as text. Each output line is
-`{"prompt": "<question>\\n\\nA) ...\\nB) ...\\nC) ...\\nD) ...\\n\\n<instruction>", "answer": "C"}`: the four options in an
-order drawn from a generator seeded with `--seed` and the question's index, so the file is the same on every machine.
+`{"prompt": "<question>, then lines 'A) ...' to 'D) ...', then the instruction", "answer": "C"}`: the four options in
+an order drawn from a generator seeded with `--seed` and the question's index, so the file is the same everywhere.
 Score it with `answer_type: choice` (`trl_ltc.evaluation.choice_letter`).
 """
 

@@ -15,8 +15,8 @@ from trl_ltc.compare import (
     CompareConfigError,
     expand_policies,
     load_comparison,
-    parse_seeds,
     paired_differences,
+    parse_seeds,
     results_table,
 )
 from trl_ltc.config import SUPERVISIONS
@@ -45,7 +45,11 @@ def test_policies_expand_sweeps_and_name_them():
         "k5",
     ]
     assert policies[2].fields == {"supervision": "fixed_prefix", "fixed_prefix_length": 32}
-    assert policies[4].fields == {"supervision": "token_teachability", "token_score": "random", "token_keep_ratio": 0.1}
+    assert policies[4].fields == {
+        "supervision": "token_teachability",
+        "token_score": "random",
+        "token_keep_ratio": 0.1,
+    }
 
 
 @pytest.mark.parametrize(
@@ -75,7 +79,11 @@ def test_seeds():
 def _config(tmp_path, **fields) -> Path:
     base = {
         "recipe": str(ROOT / "configs" / "quickstart.yaml"),
-        "distill": {"model_name_or_path": "student", "teacher_model_name_or_path": "teacher", "dataset_name": "p.jsonl"},
+        "distill": {
+            "model_name_or_path": "student",
+            "teacher_model_name_or_path": "teacher",
+            "dataset_name": "p.jsonl",
+        },
         "policies": ["full", "release"],
         "seeds": [0, 1],
         "evaluation": {"datasets": [{"name": "math", "dataset": "held_out.jsonl"}]},
@@ -110,7 +118,10 @@ def test_load_comparison_merges_recipe_distill_policy_and_seed(tmp_path):
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"distill": {"model_name_or_path": "s", "dataset_name": "p"}}, r"distill.teacher_model_name_or_path: the teacher is missing"),
+        (
+            {"distill": {"model_name_or_path": "s", "dataset_name": "p"}},
+            r"distill.teacher_model_name_or_path: the teacher is missing",
+        ),
         ({"seeds": []}, r"seeds: is empty"),
         ({"policies": ["full", "fast"]}, r"policies\[1\].supervision: unknown policy 'fast'"),
         ({"polices": ["full"]}, r"unknown keys \['polices'\]"),
@@ -141,7 +152,9 @@ def test_shipped_configs_cover_every_policy(monkeypatch):
     comparison = load_comparison(QUICKSTART, smoke=True, output_dir="/nonexistent/never-written")
     supervisions = {p.fields["supervision"] for p in comparison.policies}
     assert supervisions == set(SUPERVISIONS), "a new policy in config.SUPERVISIONS belongs in the comparison"
-    scores = {p.fields.get("token_score") for p in comparison.policies if p.fields["supervision"] == "token_teachability"}
+    scores = {
+        p.fields.get("token_score") for p in comparison.policies if p.fields["supervision"] == "token_teachability"
+    }
     assert {"teachability", "entropy", "random"} <= scores
     assert sum(p.fields["supervision"] == "fixed_prefix" for p in comparison.policies) >= 2
     raw = yaml.safe_load(QUICKSTART.read_text())
@@ -304,9 +317,11 @@ def test_vllm_sampling_builds_rollouts_like_the_trainer(monkeypatch, tmp_path, t
 
         def generate(self, requests, params, lora_request=None, use_tqdm=True):
             created.update(requests=requests, params=params, lora=lora_request)
-            sample = lambda ids, reason, stop=None: types.SimpleNamespace(
-                outputs=[types.SimpleNamespace(token_ids=ids, finish_reason=reason, stop_reason=stop)]
-            )
+
+            def sample(ids, reason, stop=None):
+                output = types.SimpleNamespace(token_ids=ids, finish_reason=reason, stop_reason=stop)
+                return types.SimpleNamespace(outputs=[output])
+
             return [sample([5, 6, eos], "stop"), sample([7, 8, 9], "length"), sample([4], "stop", eos)]
 
     vllm = types.ModuleType("vllm")
@@ -349,7 +364,9 @@ def test_gpqa_rows():
     rows = [gpqa_row(record, index) for index in range(8)]
     assert rows == [gpqa_row(record, index) for index in range(8)]  # seeded
     for row in rows:
-        options = dict(line.split(") ", 1) for line in row["prompt"].splitlines() if line[:3] in ("A) ", "B) ", "C) ", "D) "))
+        options = dict(
+            line.split(") ", 1) for line in row["prompt"].splitlines() if line[:3] in ("A) ", "B) ", "C) ", "D) ")
+        )
         assert sorted(options) == ["A", "B", "C", "D"] and options[row["answer"]] == "lead"
         assert row["prompt"].startswith("Which is heaviest?\n\nA) ")
     assert len({row["answer"] for row in rows}) > 1  # the correct option moves

@@ -73,7 +73,10 @@ def _rollouts(tokenizer, texts, eos_after):
     for text, eos in zip(texts, eos_after):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if eos else [])
         completions.append(torch.tensor(ids))
-    ones = lambda rows: [torch.ones_like(row) for row in rows]
+
+    def ones(rows):
+        return [torch.ones_like(row) for row in rows]
+
     return Rollouts(
         pad(prompts, padding_value=tokenizer.pad_token_id, padding_side="left"),
         pad(ones(prompts), padding_value=0, padding_side="left"),
@@ -121,7 +124,9 @@ def test_load_eval_problems(tmp_path):
     path = tmp_path / "problems.jsonl"
     rows = [{"question": f"What is {i} + {i}?", "solution": str(2 * i)} for i in range(5)]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    prompts, answers = load_eval_problems(str(path), prompt_column="question", answer_column="solution", num_problems=3)
+    prompts, answers = load_eval_problems(
+        str(path), prompt_column="question", answer_column="solution", num_problems=3
+    )
     assert prompts == ["What is 0 + 0?", "What is 1 + 1?", "What is 2 + 2?"] and answers == ["0", "2", "4"]
     prompts, _ = load_eval_problems(str(path), prompt_column="question", answer_column="solution", prompt_as_chat=True)
     assert len(prompts) == 5 and prompts[0] == [{"role": "user", "content": "What is 0 + 0?"}]
@@ -158,7 +163,17 @@ def checkpoints(tmp_path_factory):
 def _evaluate(checkpoints, tmp_path, model, *extra):
     out = tmp_path / f"{len(list(tmp_path.iterdir()))}.json"
     argv = ["evaluate", "--model", model, "--teacher", checkpoints["teacher"], "--dataset", checkpoints["problems"]]
-    argv += ["--num_problems", "3", "--num_samples", "2", "--max_new_tokens", "6", "--batch_size", "4", "--no_progress"]
+    argv += [
+        "--num_problems",
+        "3",
+        "--num_samples",
+        "2",
+        "--max_new_tokens",
+        "6",
+        "--batch_size",
+        "4",
+        "--no_progress",
+    ]
     assert cli.main([*argv, "--output", str(out), *extra]) == 0
     return json.loads(out.read_text()), out
 

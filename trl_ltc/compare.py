@@ -1,6 +1,6 @@
 """`trl-ltc compare`: every supervision policy on one teacher/student pair, the same seeds, one table.
 
-    trl-ltc compare                                               # configs/compare_quickstart.yaml, about an hour on CPU
+    trl-ltc compare                                    # configs/compare_quickstart.yaml, about an hour on CPU
     trl-ltc compare --config configs/compare_quickstart.yaml --seeds 0,1 --output_dir runs/cmp
     trl-ltc compare --smoke --output_dir /tmp/cmp                 # the same pipeline on tiny random models, ~1 minute
     trl-ltc compare --config configs/compare_qwen3.yaml           # the paper's comparison, on GPUs
@@ -66,7 +66,17 @@ from .config import SUPERVISIONS
 CONFIG = "compare_quickstart.yaml"
 PRESETS = ("quickstart",)
 BACKENDS = ("transformers", "vllm")
-TOP_LEVEL_KEYS = ("preset", "recipe", "distill", "launcher", "seeds", "policies", "evaluation", "output_dir", "keep_models")
+TOP_LEVEL_KEYS = (
+    "preset",
+    "recipe",
+    "distill",
+    "launcher",
+    "seeds",
+    "policies",
+    "evaluation",
+    "output_dir",
+    "keep_models",
+)
 EVALUATION_KEYS = ("max_new_tokens", "temperature", "batch_size", "seed", "backend", "vllm", "datasets")
 # Fields a policy may not set: they are what the harness itself varies or places.
 RUN_FIELDS = ("seed", "output_dir", "run_name")
@@ -251,7 +261,9 @@ def expand_policies(entries) -> list[Policy]:
             _fail(where, f"has no `supervision`; add one of {', '.join(SUPERVISIONS)}.")
         for key in RUN_FIELDS:
             if key in entry:
-                _fail(where, f"sets `{key}`, which the comparison sets for every run; remove it (seeds go in `seeds`).")
+                _fail(
+                    where, f"sets `{key}`, which the comparison sets for every run; remove it (seeds go in `seeds`)."
+                )
         swept = [key for key, value in entry.items() if isinstance(value, list)]
         for key in swept:
             if not entry[key]:
@@ -299,7 +311,9 @@ def _eval_sets(raw, preset: str | None) -> list[EvalSet]:
     if raw is None:
         raw = [{"name": "math"}] if preset else None
     if not isinstance(raw, list) or not raw:
-        _fail("evaluation.datasets", "must be a non-empty list of held-out sets ({name, dataset, answer_column, ...}).")
+        _fail(
+            "evaluation.datasets", "must be a non-empty list of held-out sets ({name, dataset, answer_column, ...})."
+        )
     sets, known = [], {f.name for f in EvalSet.__dataclass_fields__.values()}
     for index, entry in enumerate(raw):
         where = f"evaluation.datasets[{index}]"
@@ -399,7 +413,9 @@ def load_comparison(
                 "use `preset: quickstart`.",
             )
     if not distill.get("dataset_name") and not distill.get("datasets"):
-        _fail("distill.dataset_name", "the training prompts are missing: set `dataset_name` in the recipe or `distill:`.")
+        _fail(
+            "distill.dataset_name", "the training prompts are missing: set `dataset_name` in the recipe or `distill:`."
+        )
 
     policy_list = expand_policies(raw.get("policies"))
     if policies:
@@ -419,7 +435,10 @@ def load_comparison(
     sets = _eval_sets(evaluation_raw.get("datasets"), preset or ("quickstart" if smoke else None))
     evaluation_fields = {k: v for k, v in evaluation_raw.items() if k != "datasets"}
     if smoke:
-        sets = [EvalSet(**{**asdict(s), **SMOKE_EVAL_SET, "dataset": embedded.quickstart_dataset_path("test")}) for s in sets]
+        sets = [
+            EvalSet(**{**asdict(s), **SMOKE_EVAL_SET, "dataset": embedded.quickstart_dataset_path("test")})
+            for s in sets
+        ]
         evaluation_fields.update(SMOKE_EVALUATION)
     evaluation_fields.setdefault("max_new_tokens", distill.get("max_completion_length", 256))
     evaluation_fields.setdefault("temperature", distill.get("temperature", 1.0))
@@ -433,7 +452,9 @@ def load_comparison(
 
     launcher = None if smoke else raw.get("launcher")
     if launcher is not None and not isinstance(launcher, (str, list)):
-        _fail("launcher", f"must be a command prefix such as 'accelerate launch --config_file X.yaml'; got {launcher!r}.")
+        _fail(
+            "launcher", f"must be a command prefix such as 'accelerate launch --config_file X.yaml'; got {launcher!r}."
+        )
     if isinstance(launcher, str):
         launcher = shlex.split(launcher)
     comparison = Comparison(
@@ -466,7 +487,9 @@ def _check_runs(comparison: Comparison) -> None:
             except (ValueError, TypeError) as error:
                 raise CompareConfigError(f"policy {policy.name!r} ({policy.fields}): {error}") from None
             except SystemExit:
-                raise CompareConfigError(f"policy {policy.name!r} ({policy.fields}): invalid distill fields.") from None
+                raise CompareConfigError(
+                    f"policy {policy.name!r} ({policy.fields}): invalid distill fields."
+                ) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -657,7 +680,10 @@ def run_comparison(comparison: Comparison) -> dict:
     references = {}
     for name in REFERENCES:
         path = out / "reference" / f"{name}.json"
-        settings = {"model": comparison.student if name == "student" else comparison.teacher, "evaluation": eval_settings}
+        settings = {
+            "model": comparison.student if name == "student" else comparison.teacher,
+            "evaluation": eval_settings,
+        }
         stored = _read_json(path)
         if stored is not None:
             _check_settings(stored["settings"], settings, path)
@@ -666,7 +692,9 @@ def run_comparison(comparison: Comparison) -> dict:
         print(f"Evaluating the {REFERENCE_LABELS[name]} (reference row) ...", flush=True)
         teacher = models.teacher()
         if name == "teacher":
-            per_set = evaluate_target(teacher, None, _tokenizer(comparison.teacher), comparison, problems, comparison.teacher)
+            per_set = evaluate_target(
+                teacher, None, _tokenizer(comparison.teacher), comparison, problems, comparison.teacher
+            )
             for metrics in per_set.values():
                 metrics["reverse_kl"] = 0.0  # KL(teacher || teacher)
         else:
@@ -769,6 +797,7 @@ def _headline(result: dict) -> str:
 # Tables and plot
 # ---------------------------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Column:
     """A metric column: where its value is, how it is shown, and which mean is best (`"min"`, `"max"` or `None`)."""
@@ -835,9 +864,7 @@ def results_table(results: list[dict], references: dict, policies: list[str], se
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in REFERENCES:
         if name in references:
-            cells = [
-                "–" if c.training else _cell(c.value(references[name]), None, c.scale, c.digits) for c in columns
-            ]
+            cells = ["–" if c.training else _cell(c.value(references[name]), None, c.scale, c.digits) for c in columns]
             lines.append(f"| {REFERENCE_LABELS[name]} | – | " + " | ".join(cells) + " |")
     stats = {
         policy: [aggregate([c.value(r) for r in results if r["policy"] == policy]) for c in columns]
@@ -899,7 +926,8 @@ def results_markdown(results: list[dict], references: dict, comparison: Comparis
     lines = [
         "# Supervision policies compared",
         "",
-        f"Student `{comparison.student}`, teacher `{comparison.teacher}`; {d.get('max_steps')} steps x {batch} prompts "
+        f"Student `{comparison.student}`, teacher `{comparison.teacher}`; {d.get('max_steps')} steps x {batch} "
+        f"prompts "
         f"x <= {d.get('max_completion_length')} tokens per run (`loss_type: {d.get('loss_type', 'advantage')}`, "
         f"LoRA: {bool(d.get('use_peft'))}); seeds {', '.join(map(str, comparison.seeds))}. Evaluation: {sets}; "
         f"<= {ev.max_new_tokens} new tokens at temperature {ev.temperature}, evaluation seed {ev.seed}.",

@@ -106,7 +106,7 @@ def _init_kwargs(overrides: dict | None, **defaults) -> dict:
 
 def teacher_init_kwargs(training_args: TeachabilityGKDConfig, model_args: ModelConfig) -> dict:
     """Keyword arguments the teacher is loaded with: `teacher_model_init_kwargs` over the model flags (dtype,
-    attention implementation) and the teacher's revision; the teacher is loaded unquantized unless they say otherwise."""
+    attention implementation) and the teacher's revision; unquantized unless `teacher_model_init_kwargs` says so."""
     return _init_kwargs(
         training_args.teacher_model_init_kwargs,
         revision=training_args.teacher_model_revision,

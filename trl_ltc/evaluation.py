@@ -295,7 +295,9 @@ def evaluate_model(
     start = time.perf_counter()
     repeated = [prompt for prompt in prompts for _ in range(num_samples)]
     if rollouts is None:
-        rollouts = student_rollouts(model, tokenizer, repeated, max_new_tokens, batch_size, seed, temperature, progress)
+        rollouts = student_rollouts(
+            model, tokenizer, repeated, max_new_tokens, batch_size, seed, temperature, progress
+        )
     elif rollouts.completion_ids.shape[0] != len(repeated):
         raise ValueError(f"{rollouts.completion_ids.shape[0]} rollouts for {len(repeated)} (problem, sample) pairs.")
     mask = rollouts.completion_mask.bool()
@@ -309,7 +311,9 @@ def evaluate_model(
         correct = [answer_is_correct(text, answers[i // num_samples], answer_type) for i, text in enumerate(texts)]
     kl = None
     if teacher is not None and int(lengths.sum()) > 0:
-        kl = reverse_kl(model, teacher, rollouts, chunk_size=chunk_size, temperature=temperature, batch_size=batch_size)
+        kl = reverse_kl(
+            model, teacher, rollouts, chunk_size=chunk_size, temperature=temperature, batch_size=batch_size
+        )
     metrics = {
         "reverse_kl": kl,
         "accuracy": None,
@@ -328,9 +332,10 @@ def evaluate_model(
         if len(per_problem) > 1:
             metrics["accuracy_stderr"] = statistics.stdev(per_problem) / math.sqrt(len(per_problem))
     metrics["seconds"] = round(time.perf_counter() - start, 2)
+    verdicts = correct if correct is not None else [None] * len(texts)
     metrics["samples"] = [
-        {"problem": i // num_samples, "completion": text, "length": int(n), "correct": None if correct is None else correct[i]}
-        for i, (text, n) in enumerate(zip(texts, lengths.tolist()))
+        {"problem": i // num_samples, "completion": text, "length": int(n), "correct": verdict}
+        for i, (text, n, verdict) in enumerate(zip(texts, lengths.tolist(), verdicts))
     ]
     return metrics
 
@@ -441,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dataset_split", default="train", help="Split (default: train; a local file is the train split).")
     add("--prompt_column", default="prompt", help="Column with the prompts, text or messages (default: prompt).")
     add("--prompt_as_chat", action="store_true", help="Wrap text prompts into a user message (chat template).")
-    add("--prompt_template", help="Text prompts become this with {prompt} replaced, e.g. '{prompt} Answer in \\boxed{}.'")
+    add("--prompt_template", help="Text prompts become this, {prompt} replaced: '{prompt} Answer in \\boxed{}.'")
     add("--answer_column", default="answer", help="Column with the reference answers (default: answer).")
     add("--answer_type", choices=ANSWER_TYPES, default="math", help="math (math-verify) or choice (A-J letters).")
     add(

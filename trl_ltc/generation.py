@@ -154,10 +154,13 @@ def sample_completions_vllm(
             generation_eos = GenerationConfig.from_pretrained(base).eos_token_id
         except OSError:
             generation_eos = None
-        generation_eos = [] if generation_eos is None else [generation_eos] if isinstance(generation_eos, int) else generation_eos
-        stop = sorted({tokenizer.eos_token_id, *generation_eos} - {None})
+        if isinstance(generation_eos, int):
+            generation_eos = [generation_eos]
+        stop = sorted({tokenizer.eos_token_id, *(generation_eos or [])} - {None})
         # No per-request seed: repeated prompts must draw different samples; the engine's `seed` fixes the stream.
-        params = SamplingParams(n=1, temperature=temperature, top_p=1.0, max_tokens=max_new_tokens, stop_token_ids=stop)
+        params = SamplingParams(
+            n=1, temperature=temperature, top_p=1.0, max_tokens=max_new_tokens, stop_token_ids=stop
+        )
         prompt_ids = tokenize_prompts(tokenizer, prompts)
         requests = [{"prompt_token_ids": ids} for ids in prompt_ids]
         outputs = llm.generate(requests, params, lora_request=lora, use_tqdm=progress)
