@@ -370,3 +370,31 @@ def test_gpqa_rows():
         assert sorted(options) == ["A", "B", "C", "D"] and options[row["answer"]] == "lead"
         assert row["prompt"].startswith("Which is heaviest?\n\nA) ")
     assert len({row["answer"] for row in rows}) > 1  # the correct option moves
+
+
+def test_launcher_trains_each_run_in_a_subprocess(tmp_path):
+    """`launcher:` runs `trl-ltc distill` in a subprocess; the summary comes back from its trainer_state.json."""
+    teacher, student = compare.embedded.prepare_tiny_pair(tmp_path / "models")
+    distill = {**compare.SMOKE_DISTILL, "model_name_or_path": student, "teacher_model_name_or_path": teacher}
+    distill["dataset_name"] = compare.embedded.quickstart_dataset_path("train")
+    eval_set = {"name": "math", "dataset": compare.embedded.quickstart_dataset_path("test"), "num_problems": 2}
+    config = tmp_path / "compare.yaml"
+    config.write_text(
+        yaml.safe_dump({
+            "recipe": str(ROOT / "configs" / "quickstart.yaml"),
+            "launcher": [sys.executable],
+            "distill": distill,
+            "policies": ["release"],
+            "seeds": [3],
+            "evaluation": {"max_new_tokens": 4, "batch_size": 2, "datasets": [eval_set]},
+            "keep_models": False,
+        })
+    )  # fmt: skip
+    comparison = load_comparison(config, output_dir=tmp_path / "out")
+    assert comparison.launcher == [sys.executable]
+    (result,) = compare.run_comparison(comparison)["runs"]
+    assert result["steps"] == 1 and 0 < result["kept_token_frac"] <= 1 and result["seconds_per_step"] > 0
+    assert result["reverse_kl"] > 0 and result["eval"]["math"]["num_problems"] == 2
+    run_dir = tmp_path / "out" / "runs" / "release__seed3"
+    assert (run_dir / "trainer_state.json").is_file() and (run_dir / "adapter_config.json").is_file()
+    assert not list(run_dir.glob("*.safetensors"))  # keep_models: false drops the weights once evaluated
