@@ -62,6 +62,7 @@ import yaml
 
 from . import embedded
 from .config import SUPERVISIONS
+from .quickstart import format_duration, show_progress_logs
 
 CONFIG = "compare_quickstart.yaml"
 PRESETS = ("quickstart",)
@@ -654,12 +655,6 @@ class _Models:
         return self._teacher
 
 
-def _duration(seconds: float) -> str:
-    from .quickstart import _duration as duration
-
-    return duration(seconds)
-
-
 def run_comparison(comparison: Comparison) -> dict:
     """Train and evaluate whatever is not done yet, then write results.csv, results.md and results.png.
 
@@ -746,12 +741,9 @@ def run_comparison(comparison: Comparison) -> dict:
         results.append(result)
         timed.append(time.perf_counter() - run_start)
         left = len(runs) - index
-        eta = f"; about {_duration(statistics.fmean(timed) * left)} left" if left else ""
-        print(
-            f"{label}: {_headline(result)} ({_duration(timed[-1])}; elapsed {_duration(time.perf_counter() - start)}"
-            f"{eta})",
-            flush=True,
-        )
+        eta = f"; about {format_duration(statistics.fmean(timed) * left)} left" if left else ""
+        elapsed = format_duration(time.perf_counter() - start)
+        print(f"{label}: {_headline(result)} ({format_duration(timed[-1])}; elapsed {elapsed}{eta})", flush=True)
     files = write_results(results, references, comparison)
     return {"runs": results, "references": references, "files": files}
 
@@ -1078,7 +1070,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _show_logs()
+    show_progress_logs()
     policies = [p.strip() for p in args.policies.split(",") if p.strip()] if args.policies else None
     output_dir = args.output_dir
     if args.smoke and output_dir is None:
@@ -1114,14 +1106,9 @@ def _compare(comparison: Comparison) -> int:
     start = time.perf_counter()
     outcome = run_comparison(comparison)
     print("\n" + (comparison.output_dir / "results.md").read_text(), flush=True)
-    print(f"Wrote {', '.join(str(p) for p in outcome['files'].values())} in {_duration(time.perf_counter() - start)}.")
+    files = ", ".join(str(path) for path in outcome["files"].values())
+    print(f"Wrote {files} in {format_duration(time.perf_counter() - start)}.")
     return 0
-
-
-def _show_logs() -> None:
-    from .quickstart import _show_progress_logs
-
-    _show_progress_logs()
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args, passthrough = build_parser().parse_known_args(argv)
-    _show_progress_logs()
+    show_progress_logs()
     start = time.perf_counter()
 
     print(f"Preparing the teacher and the student in {embedded.cache_root(args.cache_dir)} ...", flush=True)
@@ -147,7 +147,7 @@ def _distill_argv(args: argparse.Namespace, teacher_dir: str, student_dir: str) 
     return argv
 
 
-def _show_progress_logs() -> None:
+def show_progress_logs() -> None:
     """Show trl-ltc's INFO messages (download, conversion) on stderr."""
     logger = logging.getLogger("trl_ltc")
     if logger.level == logging.NOTSET or logger.level > logging.INFO:
@@ -192,7 +192,7 @@ def format_summary(metrics: dict, config, metrics_path: str) -> str:
         ),
         (
             f"training         {steps} steps x {batch} prompts x <= {config.max_completion_length} tokens in "
-            f"{_duration(seconds)}{per_step}"
+            f"{format_duration(seconds)}{per_step}"
         ),
     ]
     if kl["before"] is not None:
@@ -210,12 +210,12 @@ def format_summary(metrics: dict, config, metrics_path: str) -> str:
     lines += [
         f"saved            model/adapter -> {config.output_dir}",
         f"                 metrics       -> {metrics_path}",
-        f"total time       {_duration(metrics['total_seconds'])}",
+        f"total time       {format_duration(metrics['total_seconds'])}",
     ]
     return "\n".join(lines)
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     minutes, seconds = divmod(round(seconds), 60)
     return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
