@@ -1,9 +1,9 @@
 """`trl-ltc compare`: every supervision policy on one teacher/student pair, the same seeds, one table.
 
-    trl-ltc compare                                    # configs/compare_quickstart.yaml, about an hour on CPU
-    trl-ltc compare --config configs/compare_quickstart.yaml --seeds 0,1 --output_dir runs/cmp
-    trl-ltc compare --smoke --output_dir /tmp/cmp                 # the same pipeline on tiny random models, ~1 minute
-    trl-ltc compare --config configs/compare_qwen3.yaml           # the paper's comparison, on GPUs
+    trl-ltc compare                                      # configs/compare_quickstart.yaml, about an hour on CPU
+    trl-ltc compare --seeds 0,1,2 --output_dir runs/cmp  # other seeds, another place
+    trl-ltc compare --smoke --output_dir /tmp/cmp        # the same pipeline on tiny random models, ~1 minute
+    trl-ltc compare --config configs/compare_qwen3.yaml  # the paper's comparison, on GPUs
 
 For every policy of the config and every seed, one student is trained from the same initial student with the same
 `trl-ltc distill` recipe; only the supervision fields of the policy differ. Runs of one seed share the training seed
@@ -26,18 +26,21 @@ Runs resume: a run with `train.json` is not retrained, one with `result.json` no
 compared with the config's; a run made with other settings is an error (use another `--output_dir`), never silently
 mixed into the table.
 
-Config (YAML; `configs/compare_quickstart.yaml` documents every key):
+Config (YAML; `configs/compare_quickstart.yaml` and `configs/compare_qwen3.yaml` use every key):
 
     preset: quickstart          # the embedded SmolLM2 pair and the bundled math prompts (else set the models below)
     recipe: quickstart.yaml     # the `trl-ltc distill` recipe every run starts from (relative to this file)
-    distill: {max_steps: 10}    # distill fields over the recipe, for every run
+    distill: {max_steps: 6}     # distill fields over the recipe, for every run (models, prompts, budget)
     launcher: null              # or "accelerate launch --config_file ...": train each run in that subprocess
-    seeds: [0, 1, 2]
+    keep_models: true           # false: delete each run's weights once it is evaluated
+    seeds: [0, 1]
     policies:                   # a name, or distill fields; a list value sweeps (one policy per value)
       - full
-      - {supervision: fixed_prefix, fixed_prefix_length: [24, 48]}
+      - {supervision: fixed_prefix, fixed_prefix_length: [16, 32]}
       - release
-    evaluation: {max_new_tokens: 96, batch_size: 16, seed: 1234, datasets: [{name: math, num_problems: 48}]}
+    evaluation:                 # max_new_tokens, temperature (default: the runs'), batch_size, seed, backend, vllm
+      datasets:                 # name, dataset, split, config, prompt_column, answer_column, prompt_as_chat,
+        - {name: math, num_problems: 32, num_samples: 1}    # prompt_template, answer_type, num_problems, num_samples
     output_dir: runs/compare_quickstart
 """
 
