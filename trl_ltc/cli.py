@@ -13,6 +13,8 @@ COMMANDS = {
     "distill": ("trl_ltc.distill", "Train a student with TeachabilityGKDTrainer from a YAML recipe and/or flags."),
     "quickstart": ("trl_ltc.quickstart", "The embedded CPU demo: SmolLM2-135M teacher, noisy student, LoRA, minutes."),
     "diagnose": ("trl_ltc.diagnostics", "Measure local teachability collapse on a teacher/student pair; plots + HTML."),
+    "evaluate": ("trl_ltc.evaluation", "Reverse KL to the teacher, answer accuracy and length of any checkpoint."),
+    "compare": ("trl_ltc.compare", "Train one student per (policy, seed) and evaluate them all into one table."),
 }
 
 

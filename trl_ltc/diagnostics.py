@@ -1167,12 +1167,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.temperature > 0:
         parser.error(f"--temperature must be > 0; got {args.temperature}")
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.dtype == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        dtype = torch.bfloat16 if bf16 else torch.float32
-    else:
-        dtype = getattr(torch, args.dtype)
+    from .evaluation import resolve_device_dtype
+
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
 
     dataset = _load_prompts(args.dataset, args.dataset_config, args.dataset_split)
     n = min(args.num_prompts, len(dataset))

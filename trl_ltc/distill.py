@@ -104,8 +104,37 @@ def _init_kwargs(overrides: dict | None, **defaults) -> dict:
     return {**defaults, **(overrides or {})}
 
 
-def build_trainer(argv: list[str] | None = None):
+def teacher_init_kwargs(training_args: TeachabilityGKDConfig, model_args: ModelConfig) -> dict:
+    """Keyword arguments the teacher is loaded with: `teacher_model_init_kwargs` over the model flags (dtype,
+    attention implementation) and the teacher's revision; unquantized unless `teacher_model_init_kwargs` says so."""
+    return _init_kwargs(
+        training_args.teacher_model_init_kwargs,
+        revision=training_args.teacher_model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+
+
+def load_teacher(argv: list[str]):
+    """The teacher of the `trl-ltc distill` arguments `argv`, loaded as `build_trainer(argv)` would load it; pass it
+    to `build_trainer(..., teacher_model=...)` so that several trainers share one teacher in memory."""
+    from trl.trainer.utils import create_model_from_path
+
+    _, training_args, model_args, _ = build_parser().parse_args_and_config(argv)
+    if training_args.teacher_model_name_or_path is None:
+        raise ValueError("Set the teacher with `--teacher_model_name_or_path` (a Hub id or a local directory).")
+    kwargs = teacher_init_kwargs(training_args, model_args)
+    return create_model_from_path(training_args.teacher_model_name_or_path, **kwargs).eval()
+
+
+def build_trainer(argv: list[str] | None = None, teacher_model=None):
     """Parse `argv` (default: `sys.argv[1:]`), load and check the prompts, then build the trainer; do not train.
+
+    Args:
+        argv: `trl-ltc distill` arguments.
+        teacher_model: an already loaded teacher (see `load_teacher`) to use instead of loading
+            `teacher_model_name_or_path`; the trainer does not modify it, so several trainers can share it.
 
     Returns:
         `(trainer, (script_args, training_args, model_args, dataset_args))`.
@@ -115,7 +144,7 @@ def build_trainer(argv: list[str] | None = None):
     script_args, training_args, model_args, dataset_args = build_parser().parse_args_and_config(argv)
     if model_args.model_name_or_path is None:
         raise ValueError("Set the student with `--model_name_or_path` (a Hub id or a local directory).")
-    if training_args.teacher_model_name_or_path is None:
+    if training_args.teacher_model_name_or_path is None and teacher_model is None:
         raise ValueError("Set the teacher with `--teacher_model_name_or_path` (a Hub id or a local directory).")
 
     # The prompts first: a wrong column or an empty file fails here, before two models are loaded.
@@ -131,16 +160,14 @@ def build_trainer(argv: list[str] | None = None):
         attn_implementation=model_args.attn_implementation,
         dtype=model_args.dtype,
     )
-    training_args.teacher_model_init_kwargs = _init_kwargs(
-        training_args.teacher_model_init_kwargs,
-        revision=training_args.teacher_model_revision,
-        trust_remote_code=training_args.trust_remote_code,
-        attn_implementation=model_args.attn_implementation,
-        dtype=model_args.dtype,
-    )
+    if teacher_model is None:
+        training_args.teacher_model_init_kwargs = teacher_init_kwargs(training_args, model_args)
+        teacher_model = training_args.teacher_model_name_or_path
+    else:  # already loaded (with `teacher_init_kwargs`); the parent refuses init kwargs for a model object
+        training_args.teacher_model_init_kwargs = None
     trainer = TeachabilityGKDTrainer(
         model=model_args.model_name_or_path,
-        teacher_model=training_args.teacher_model_name_or_path,
+        teacher_model=teacher_model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
@@ -155,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer, (script_args, training_args, _, _) = build_trainer(argv)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
+    trainer.save_state()  # trainer_state.json: the logged metrics, read back by `trl-ltc compare`
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)

@@ -44,6 +44,7 @@ __all__ = [
     "find_gguf",
     "installed_gguf",
     "prepare_smollm2_pair",
+    "prepare_tiny_pair",
     "quickstart_dataset_path",
 ]
 
@@ -107,6 +108,73 @@ def prepare_smollm2_pair(
     if not student_dir.is_dir():
         logger.info("Building the student: teacher + %g x std Gaussian noise per layer matrix (one time)", noise)
         _publish(lambda out: _save_noisy_copy(teacher_dir, out, noise, seed), student_dir)
+    return str(teacher_dir), str(student_dir)
+
+
+# A ChatML template like SmolLM2's, for the tiny pair.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def prepare_tiny_pair(directory: str | os.PathLike, vocab_size: int = 512) -> tuple[str, str]:
+    """Build (once) and return `(teacher_dir, student_dir)`: two tiny random Qwen2-style causal LMs (2 layers, hidden
+    64; seeds 2 and 1) sharing a byte-level BPE tokenizer trained in-process on the bundled math prompts, with a
+    ChatML template. They know nothing, load in milliseconds and need no download: `trl-ltc compare --smoke` runs
+    the whole pipeline on them."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    root = Path(directory)
+    teacher_dir, student_dir = root / "tiny-teacher", root / "tiny-student"
+    if teacher_dir.is_dir() and student_dir.is_dir():
+        return str(teacher_dir), str(student_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    texts = []
+    for split in DATASET_SPLITS:
+        with open(quickstart_dataset_path(split), encoding="utf-8") as file:
+            texts += [line for line in file if line.strip()]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None, padding_side="left"
+    )
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    config = AutoConfig.for_model(
+        "qwen2",
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+    def build(seed: int):
+        def save(out: str) -> None:
+            torch.manual_seed(seed)
+            AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out)
+            tokenizer.save_pretrained(out)
+
+        return save
+
+    for path, seed in ((teacher_dir, 2), (student_dir, 1)):
+        if not path.is_dir():
+            _publish(build(seed), path)
     return str(teacher_dir), str(student_dir)
 
 

@@ -1,25 +1,60 @@
-"""Teacher-student divergence on student samples: the quantity on-policy distillation minimises.
+"""Evaluating a student against its teacher: divergence on its own samples, answer accuracy, completion length.
 
 `reverse_kl` is the mean, over the completion tokens of some rollouts, of the exact per-token reverse KL
 
     KL(pS || pT)(x, y_<t) = sum_v pS(v | x, y_<t) * (log pS(v | x, y_<t) - log pT(v | x, y_<t))
 
-over the full vocabulary. Logits are projected from each model's last hidden states a chunk of positions at a time
-(`trl_ltc.signals.OutputHead`), so no `(batch, length, vocab)` tensor is built. `heldout_reverse_kl` samples the
-rollouts from the student first (`trl_ltc.generation.sample_completions`). Both work with any causal LM, or a PEFT
-model wrapping one, and leave the models' train/eval modes as they found them.
+over the full vocabulary, the quantity on-policy distillation minimises. Logits are projected from each model's last
+hidden states a chunk of positions at a time (`trl_ltc.signals.OutputHead`), so no `(batch, length, vocab)` tensor is
+built. `heldout_reverse_kl` samples the rollouts from the student first (`trl_ltc.generation.sample_completions`).
+
+`evaluate_model` samples `num_samples` completions per held-out problem once and measures on them: the reverse KL,
+the answer accuracy (pass@1, the mean over problems of the fraction of correct samples, checked by
+`answer_is_correct`), the mean completion length and the fraction of completions cut at the length cap.
+
+`answer_is_correct` uses the `math-verify` package: it extracts the completion's final answer (a `\\boxed{}` or
+`$...$` answer or an "answer is ..." statement first, else the last number or expression of the text) and compares it
+with the reference answer mathematically (`12` = `12.0` = `$\\frac{24}{2}$`, `0.75` = `3/4`). Multiple-choice sets
+(`answer_type="choice"`) compare the chosen letter instead (`choice_letter`).
+
+`trl-ltc evaluate` (`main`) runs `evaluate_model` on any checkpoint (a base model, a full fine-tune or a LoRA adapter
+directory) and prints and saves the metrics. Everything here works with any causal LM, or a PEFT model wrapping one,
+and leaves the models' train/eval modes as they found them.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
+import math
+import os
+import re
+import statistics
+import threading
+import time
+from pathlib import Path
 
 import torch
 
-from .generation import Rollouts, sample_completions
+from .generation import Rollouts, eos_ids, sample_completions
 from .signals import OutputHead, last_hidden_state
 
-__all__ = ["heldout_reverse_kl", "reverse_kl"]
+__all__ = [
+    "ANSWER_TYPES",
+    "answer_is_correct",
+    "choice_letter",
+    "evaluate_model",
+    "heldout_reverse_kl",
+    "load_eval_problems",
+    "load_for_evaluation",
+    "main",
+    "reverse_kl",
+    "student_rollouts",
+]
+
+ANSWER_TYPES = ("math", "choice")
+METRICS_FILE = "eval_metrics.json"
 
 # Logits per projection chunk when `chunk_size` is not given (positions = this / vocabulary size).
 _LOGITS_PER_CHUNK = 1 << 24
@@ -119,8 +154,25 @@ def heldout_reverse_kl(
         chunk_size: positions projected to the vocabulary at a time.
         progress: show a progress bar while sampling.
     """
+    rollouts = student_rollouts(student, tokenizer, prompts, max_new_tokens, batch_size, seed, temperature, progress)
+    return reverse_kl(
+        student, teacher, rollouts, chunk_size=chunk_size, temperature=temperature, batch_size=batch_size
+    )
+
+
+def student_rollouts(
+    student,
+    tokenizer,
+    prompts: list,
+    max_new_tokens: int,
+    batch_size: int = 8,
+    seed: int | None = 0,
+    temperature: float = 1.0,
+    progress: bool = True,
+) -> Rollouts:
+    """`sample_completions` in eval mode (no dropout), seeded, with the global random state restored afterwards."""
     with torch.random.fork_rng(), _eval_mode(student):
-        rollouts = sample_completions(
+        return sample_completions(
             student,
             tokenizer,
             prompts,
@@ -130,6 +182,363 @@ def heldout_reverse_kl(
             seed=seed,
             progress=progress,
         )
-    return reverse_kl(
-        student, teacher, rollouts, chunk_size=chunk_size, temperature=temperature, batch_size=batch_size
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Answers
+# ---------------------------------------------------------------------------------------------------------------
+
+# Multiple choice: the letter of "answer is (C)" / "Answer: C" / "\boxed{C}" (the last such statement wins), else the
+# last parenthesised letter "(C)". A bare capital letter elsewhere is not taken: "A train leaves..." is no answer.
+_CHOICE_PATTERNS = (
+    re.compile(r"\\boxed\{\s*\(?([A-J])\)?\s*\}"),
+    re.compile(r"[Aa]nswer\s*(?:is|:)?\s*(?:option|choice)?\s*[:\-]?\s*\**\s*\(?([A-J])\)?(?![A-Za-z])"),
+    re.compile(r"\(([A-J])\)"),
+)
+
+
+def choice_letter(text: str) -> str | None:
+    """The chosen option letter (`A`-`J`) of a multiple-choice completion, or `None`.
+
+    The first of these that occurs decides, and within it the last occurrence: a `\\boxed{C}` answer; an "answer is C",
+    "Answer: (C)" or "answer: **C**" statement; a parenthesised letter "(C)".
+    """
+    for pattern in _CHOICE_PATTERNS:
+        found = pattern.findall(text)
+        if found:
+            return found[-1]
+    return None
+
+
+def _timeout() -> int | None:
+    # math-verify bounds parsing and comparison with SIGALRM, which exists only in the main thread.
+    return 5 if threading.current_thread() is threading.main_thread() else None
+
+
+def answer_is_correct(completion: str, answer, answer_type: str = "math") -> bool:
+    """Whether the final answer of `completion` equals the reference `answer`.
+
+    `answer_type="math"`: `math-verify` extracts the completion's final answer (a `\\boxed{}` or `$...$` answer or an
+    "answer is ..." statement first, else the last number or expression) and checks it against `answer` (a number or
+    a LaTeX expression, with or without `$`) mathematically: `12`, `12.0`, `$12$`, `1,200` = `1200`, `3/4` = `0.75`.
+    `answer_type="choice"`: the option letter of `choice_letter(completion)` equals `answer` (a letter, any case).
+    """
+    if answer_type == "choice":
+        letter = choice_letter(completion)
+        return letter is not None and letter.upper() == str(answer).strip().upper()
+    if answer_type != "math":
+        raise ValueError(f"`answer_type` must be one of {', '.join(map(repr, ANSWER_TYPES))}; got {answer_type!r}.")
+    from math_verify import parse, verify
+
+    gold_text = str(answer).strip()
+    timeout = _timeout()
+    delimited = gold_text if ("$" in gold_text or "\\boxed" in gold_text) else f"${gold_text}$"
+    gold = parse(delimited, parsing_timeout=timeout) or parse(gold_text, parsing_timeout=timeout) or [gold_text]
+    prediction = parse(completion, parsing_timeout=timeout)
+    if not prediction:
+        return False
+    return bool(verify(gold, prediction, timeout_seconds=timeout))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics of one model on held-out problems
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def evaluate_model(
+    model,
+    teacher,
+    tokenizer,
+    prompts: list,
+    answers: list | None = None,
+    *,
+    num_samples: int = 1,
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    temperature: float = 1.0,
+    seed: int | None = 0,
+    answer_type: str = "math",
+    chunk_size: int | None = None,
+    progress: bool = True,
+    rollouts: Rollouts | None = None,
+) -> dict:
+    """Sample `num_samples` completions per problem from `model` (seeded) and measure them.
+
+    Args:
+        model: the causal LM (or PEFT model) to evaluate.
+        teacher: the reference for the reverse KL, sharing `tokenizer`'s vocabulary; `None` skips the KL.
+        tokenizer: the model's tokenizer (prompts are rendered with its chat template when conversational).
+        prompts: text prompts or conversations, one per problem.
+        answers: the reference answer of each problem; `None` skips the accuracy.
+        num_samples: completions per problem; the accuracy is pass@1 estimated from them (avg@num_samples).
+        max_new_tokens, temperature: sampling (and KL) settings; completions stop at the first EOS.
+        batch_size: completions sampled and scored at a time.
+        seed: sampling seed; the global random state is restored afterwards.
+        answer_type: `"math"` or `"choice"` (`answer_is_correct`).
+        chunk_size: positions projected to the vocabulary at a time for the KL.
+        progress: show a progress bar while sampling.
+        rollouts: already sampled completions of the repeated prompts (skips the sampling), e.g. from vLLM.
+
+    Returns:
+        A dict: `reverse_kl` (mean per-token KL(model || teacher) in nats over all sampled completion tokens, or
+        `None`), `accuracy` (in [0, 1], or `None`), `accuracy_stderr` (standard error over problems),
+        `completion_length` (mean tokens, EOS included), `truncated_frac` (completions without EOS),
+        `num_problems`, `num_samples`, `seconds`, and `samples`: one `{"problem", "completion", "length", "correct"}`
+        per completion, problem-major.
+    """
+    if num_samples < 1:
+        raise ValueError(f"`num_samples` must be >= 1; got {num_samples}.")
+    if answers is not None and len(answers) != len(prompts):
+        raise ValueError(f"{len(answers)} answers for {len(prompts)} prompts; give one answer per prompt.")
+    if not prompts:
+        raise ValueError("No problems to evaluate on.")
+    start = time.perf_counter()
+    repeated = [prompt for prompt in prompts for _ in range(num_samples)]
+    if rollouts is None:
+        rollouts = student_rollouts(
+            model, tokenizer, repeated, max_new_tokens, batch_size, seed, temperature, progress
+        )
+    elif rollouts.completion_ids.shape[0] != len(repeated):
+        raise ValueError(f"{rollouts.completion_ids.shape[0]} rollouts for {len(repeated)} (problem, sample) pairs.")
+    mask = rollouts.completion_mask.bool()
+    lengths = mask.sum(1)
+    stop = torch.tensor(eos_ids(model, tokenizer))
+    last = rollouts.completion_ids.gather(1, (lengths - 1).clamp(min=0)[:, None])[:, 0]
+    ended = (lengths > 0) & torch.isin(last, stop)
+    texts = [tokenizer.decode(ids[row], skip_special_tokens=True) for ids, row in zip(rollouts.completion_ids, mask)]
+    correct = None
+    if answers is not None:
+        correct = [answer_is_correct(text, answers[i // num_samples], answer_type) for i, text in enumerate(texts)]
+    kl = None
+    if teacher is not None and int(lengths.sum()) > 0:
+        kl = reverse_kl(
+            model, teacher, rollouts, chunk_size=chunk_size, temperature=temperature, batch_size=batch_size
+        )
+    metrics = {
+        "reverse_kl": kl,
+        "accuracy": None,
+        "accuracy_stderr": None,
+        "completion_length": float(lengths.float().mean()),
+        "truncated_frac": float((~ended).float().mean()),
+        "num_problems": len(prompts),
+        "num_samples": num_samples,
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "seed": seed,
+    }
+    if correct is not None:
+        per_problem = [statistics.fmean(correct[i : i + num_samples]) for i in range(0, len(correct), num_samples)]
+        metrics["accuracy"] = statistics.fmean(per_problem)
+        if len(per_problem) > 1:
+            metrics["accuracy_stderr"] = statistics.stdev(per_problem) / math.sqrt(len(per_problem))
+    metrics["seconds"] = round(time.perf_counter() - start, 2)
+    verdicts = correct if correct is not None else [None] * len(texts)
+    metrics["samples"] = [
+        {"problem": i // num_samples, "completion": text, "length": int(n), "correct": verdict}
+        for i, (text, n, verdict) in enumerate(zip(texts, lengths.tolist(), verdicts))
+    ]
+    return metrics
+
+
+def load_eval_problems(
+    dataset: str,
+    split: str = "train",
+    config: str | None = None,
+    prompt_column: str = "prompt",
+    answer_column: str | None = "answer",
+    prompt_as_chat: bool = False,
+    num_problems: int | None = None,
+    prompt_template: str | None = None,
+) -> tuple[list, list | None]:
+    """`(prompts, answers)` of the first `num_problems` rows (all when `None`) of a dataset split.
+
+    `dataset` is what `trl_ltc.prompts.load_prompt_dataset` reads (a local .json/.jsonl/.parquet/.csv file, a
+    `save_to_disk` directory or a `datasets` name). `prompt_column` is read like the trainer reads prompts (text or
+    messages). `prompt_template` (e.g. `"{prompt}\n\nPut your final answer within \\boxed{}."`: `{prompt}` is replaced
+    by the text) is applied to text prompts first; `prompt_as_chat` then wraps them into a user message.
+    `answer_column=None` gives no answers.
+    """
+    from .prompts import PROMPT_COLUMN, load_prompt_dataset, prepare_prompt_dataset
+
+    if num_problems is not None and num_problems < 1:
+        raise ValueError(f"`num_problems` must be >= 1 (or unset for all); got {num_problems}.")
+    rows = load_prompt_dataset(dataset, config, split=split)
+    if answer_column is not None and answer_column not in rows.column_names:
+        raise ValueError(
+            f"Dataset {dataset!r} has no answer column {answer_column!r}; found columns {rows.column_names}. Set the "
+            "answer column (`--answer_column` / `answer_column:`) to the column holding the reference answers."
+        )
+    answer_values = rows[answer_column] if answer_column is not None else None
+    rows = prepare_prompt_dataset(rows, dataset, prompt_column, as_chat=False)
+    n = len(rows) if num_problems is None else min(num_problems, len(rows))
+    prompts = rows.select(range(n))[PROMPT_COLUMN]
+    if prompt_template is not None:
+        if "{prompt}" not in prompt_template:
+            raise ValueError(f"`prompt_template` must contain '{{prompt}}'; got {prompt_template!r}.")
+        prompts = [prompt_template.replace("{prompt}", p) if isinstance(p, str) else p for p in prompts]
+    if prompt_as_chat:
+        prompts = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
+    answers = None if answer_values is None else [str(a) for a in answer_values[:n]]
+    return prompts, answers
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading any checkpoint
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def resolve_device_dtype(device: str | None = None, dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """`device` (default: cuda when available, else cpu) and `dtype` (`"auto"`: bfloat16 on a CUDA device that
+    supports it, else float32; or `"float32"`, `"bfloat16"`, `"float16"`)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return device, torch.bfloat16 if bf16 else torch.float32
+    return device, getattr(torch, dtype)
+
+
+def load_for_evaluation(path: str, base_model: str | None = None, dtype=torch.float32, device="cpu"):
+    """`(model, tokenizer)` of a model directory or id, a full fine-tune, or a LoRA (PEFT) adapter directory.
+
+    An adapter directory (one with `adapter_config.json`) is loaded on top of `base_model`, by default the base model
+    its config names (`base_model_name_or_path`). The tokenizer comes from `path` when it has one, else from the base.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(os.path.expanduser(path))
+    adapter = local.is_dir() and (local / "adapter_config.json").is_file()
+    if not adapter:
+        if base_model is not None:
+            raise ValueError(f"--base_model is only for LoRA adapter directories; {path} has no adapter_config.json.")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return model.to(device).eval(), AutoTokenizer.from_pretrained(path)
+    from peft import PeftModel
+
+    config = json.loads((local / "adapter_config.json").read_text())
+    base = base_model or config.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"The adapter {path} does not name its base model; pass --base_model.")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=dtype), str(local))
+    has_tokenizer = (local / "tokenizer_config.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(str(local) if has_tokenizer else base)
+    return model.to(device).eval(), tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `trl-ltc evaluate`
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trl-ltc evaluate",
+        description="Evaluate a checkpoint (base model, full fine-tune or LoRA adapter) on held-out problems: mean "
+        "per-token reverse KL(model || teacher) on its own samples (exact over the vocabulary), answer accuracy "
+        "(pass@1 over --num_samples samples, checked with math-verify), mean completion length. Prints the metrics "
+        "and saves them as JSON.",
     )
+    add = parser.add_argument
+    add("--model", help="The checkpoint: a model id or directory, or a LoRA adapter directory.")
+    add("--base_model", help="Base model of a LoRA adapter (default: the one its adapter_config.json names).")
+    add("--teacher", help="The teacher the reverse KL is measured against (same vocabulary).")
+    add("--dataset", help="Held-out problems: a .json/.jsonl/.parquet/.csv file, a directory or a `datasets` name.")
+    add("--dataset_config", help="Dataset configuration name.")
+    add("--dataset_split", default="train", help="Split (default: train; a local file is the train split).")
+    add("--prompt_column", default="prompt", help="Column with the prompts, text or messages (default: prompt).")
+    add("--prompt_as_chat", action="store_true", help="Wrap text prompts into a user message (chat template).")
+    add("--prompt_template", help="Text prompts become this, {prompt} replaced: '{prompt} Answer in \\boxed{}.'")
+    add("--answer_column", default="answer", help="Column with the reference answers (default: answer).")
+    add("--answer_type", choices=ANSWER_TYPES, default="math", help="math (math-verify) or choice (A-J letters).")
+    add(
+        "--preset",
+        choices=["quickstart"],
+        help="The quickstart's embedded teacher and student (the default --model) and its held-out math problems.",
+    )
+    add("--num_problems", type=int, default=64, help="First N problems (default: 64; 0: all).")
+    add("--num_samples", type=int, default=1, help="Samples per problem; accuracy is pass@1 over them (default: 1).")
+    add("--max_new_tokens", type=int, help="Completion length cap (default: 256; with --preset quickstart: 96).")
+    add("--temperature", type=float, default=1.0, help="Sampling and KL temperature (default: 1.0).")
+    add("--batch_size", type=int, default=8, help="Completions sampled and scored at a time (default: 8).")
+    add("--seed", type=int, default=0, help="Sampling seed (default: 0).")
+    add("--device", help="torch device (default: cuda if available, else cpu).")
+    add("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="Model dtype.")
+    add("--output", help=f"Where the metrics JSON goes (default: MODEL/{METRICS_FILE} for a local MODEL directory).")
+    add("--save_samples", action="store_true", help="Also write every completion and its verdict next to the JSON.")
+    add("--no_progress", action="store_true", help="Hide progress bars.")
+    return parser
+
+
+def format_metrics(metrics: dict) -> str:
+    """A few human-readable lines for one model's metrics."""
+    kl, accuracy = metrics["reverse_kl"], metrics["accuracy"]
+    lines = []
+    if kl is not None:
+        lines.append(f"reverse KL         {kl:.4f} nats/token (KL(model || teacher) on the model's own samples)")
+    if accuracy is not None:
+        stderr = metrics.get("accuracy_stderr")
+        spread = f" +- {100 * stderr:.1f}" if stderr is not None else ""
+        lines.append(
+            f"accuracy           {100 * accuracy:.1f}%{spread} (pass@1 over {metrics['num_samples']} sample(s) of "
+            f"{metrics['num_problems']} problems; +- one standard error over problems)"
+        )
+    lines.append(
+        f"completion length  {metrics['completion_length']:.1f} tokens ({100 * metrics['truncated_frac']:.0f}% cut at "
+        f"{metrics['max_new_tokens']})"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`trl-ltc evaluate ...`; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.preset:
+        from . import embedded
+
+        teacher_dir, student_dir = embedded.prepare_smollm2_pair()
+        args.model = args.model or student_dir
+        args.teacher = args.teacher or teacher_dir
+        args.dataset = args.dataset or embedded.quickstart_dataset_path("test")
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 96 if args.preset else 256  # the quickstart trains on 96-token completions
+    missing = [f"--{name}" for name in ("model", "teacher", "dataset") if getattr(args, name) is None]
+    if missing:
+        parser.error(f"missing {', '.join(missing)} (or use --preset quickstart)")
+    for name in ("num_samples", "max_new_tokens", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1; got {getattr(args, name)}")
+    if args.num_problems < 0:
+        parser.error(f"--num_problems must be >= 0 (0: all); got {args.num_problems}")
+    if not args.temperature > 0:
+        parser.error(f"--temperature must be > 0; got {args.temperature}")
+
+    prompts, answers = load_eval_problems(
+        args.dataset, args.dataset_split, args.dataset_config, args.prompt_column, args.answer_column,
+        args.prompt_as_chat, args.num_problems or None, args.prompt_template,
+    )  # fmt: skip
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    model, tokenizer = load_for_evaluation(args.model, args.base_model, dtype, device)
+    teacher, _ = load_for_evaluation(args.teacher, None, dtype, device)
+    metrics = evaluate_model(
+        model, teacher, tokenizer, prompts, answers,
+        num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        temperature=args.temperature, seed=args.seed, answer_type=args.answer_type, progress=not args.no_progress,
+    )  # fmt: skip
+    samples = metrics.pop("samples")
+    metrics.update(model=args.model, base_model=args.base_model, teacher=args.teacher, dataset=args.dataset)
+    metrics.update(dataset_split=args.dataset_split, answer_type=args.answer_type)
+    output = Path(args.output) if args.output else _default_output(args.model)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(metrics, indent=2) + "\n")
+    if args.save_samples:
+        with open(output.with_suffix(".samples.jsonl"), "w", encoding="utf-8") as file:
+            file.writelines(json.dumps(sample) + "\n" for sample in samples)
+    print(f"\n{args.model} on {metrics['num_problems']} problems of {args.dataset}:")
+    print(format_metrics(metrics))
+    print(f"saved              {output}")
+    return 0
+
+
+def _default_output(model: str) -> Path:
+    local = Path(os.path.expanduser(model))
+    return local / METRICS_FILE if local.is_dir() else Path(METRICS_FILE)

@@ -36,12 +36,13 @@ METRICS_FILE = "quickstart_metrics.json"
 SUMMARY_PREFIXES = ("release/", "margin/", "advantage/", "teachability/")
 
 
-def recipe_path() -> str:
-    """`configs/quickstart.yaml` of the source tree, else (non-editable install) its identical copy in the package."""
-    in_repo = Path(__file__).resolve().parents[1] / "configs" / RECIPE
+def recipe_path(name: str = RECIPE) -> str:
+    """`configs/<name>` (default: `quickstart.yaml`) of the source tree, else (non-editable install) its identical
+    copy in the package's resources."""
+    in_repo = Path(__file__).resolve().parents[1] / "configs" / name
     if in_repo.is_file():
         return str(in_repo)
-    return str(resources.files("trl_ltc.resources").joinpath(RECIPE))
+    return str(resources.files("trl_ltc.resources").joinpath(name))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args, passthrough = build_parser().parse_known_args(argv)
-    _show_progress_logs()
+    show_progress_logs()
     start = time.perf_counter()
 
     print(f"Preparing the teacher and the student in {embedded.cache_root(args.cache_dir)} ...", flush=True)
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_new_tokens": config.max_completion_length,
             "temperature": config.temperature,
         },
-        "train_metrics": _mean_metrics(trainer.state.log_history),
+        "train_metrics": mean_train_metrics(trainer.state.log_history),
         "teacher": teacher_dir,
         "student": student_dir,
         "distill_argv": distill_argv,
@@ -146,7 +147,7 @@ def _distill_argv(args: argparse.Namespace, teacher_dir: str, student_dir: str) 
     return argv
 
 
-def _show_progress_logs() -> None:
+def show_progress_logs() -> None:
     """Show trl-ltc's INFO messages (download, conversion) on stderr."""
     logger = logging.getLogger("trl_ltc")
     if logger.level == logging.NOTSET or logger.level > logging.INFO:
@@ -165,7 +166,7 @@ def _heldout_prompts(n: int) -> list:
     return [row["prompt"] for row in rows[:n]]
 
 
-def _mean_metrics(log_history: list[dict]) -> dict[str, float]:
+def mean_train_metrics(log_history: list[dict]) -> dict[str, float]:
     """Mean over the logged training steps of every numeric metric (`None` values, e.g. an empty suffix, skipped)."""
     values: dict[str, list[float]] = {}
     for log in log_history:
@@ -191,7 +192,7 @@ def format_summary(metrics: dict, config, metrics_path: str) -> str:
         ),
         (
             f"training         {steps} steps x {batch} prompts x <= {config.max_completion_length} tokens in "
-            f"{_duration(seconds)}{per_step}"
+            f"{format_duration(seconds)}{per_step}"
         ),
     ]
     if kl["before"] is not None:
@@ -209,12 +210,12 @@ def format_summary(metrics: dict, config, metrics_path: str) -> str:
     lines += [
         f"saved            model/adapter -> {config.output_dir}",
         f"                 metrics       -> {metrics_path}",
-        f"total time       {_duration(metrics['total_seconds'])}",
+        f"total time       {format_duration(metrics['total_seconds'])}",
     ]
     return "\n".join(lines)
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     minutes, seconds = divmod(round(seconds), 60)
     return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
