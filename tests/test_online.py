@@ -1,0 +1,86 @@
+"""Online release (DESIGN.md formula 9): the replay function and the generation loop that applies it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trl_ltc.release import OnlineRelease, bic_change_point, online_release
+
+# --------------------------------------------------------------------------------------------- online_release
+
+
+def loop_online_release(scores: torch.Tensor, num_segments: torch.Tensor, min_segments=3, patience=2):
+    """Reference: one trajectory at a time, the change point on every prefix of its segment scores."""
+    stops, releases = [], []
+    for row, n in zip(scores, num_segments.tolist()):
+        for prefix in range(min_segments, n):
+            cp = bic_change_point(row[None, :prefix], torch.tensor([prefix]))
+            tau = int(cp.release_segment)
+            if bool(cp.accepted) and prefix - tau >= patience:
+                stops.append(prefix)
+                releases.append(tau)
+                break
+        else:
+            stops.append(n)
+            releases.append(int(bic_change_point(row[None, :n], torch.tensor([n])).release_segment))
+    return stops, releases
+
+
+def _check(scores, num_segments, **kwargs):
+    result = online_release(scores, num_segments, **kwargs)
+    assert isinstance(result, OnlineRelease)
+    assert result.stop_segment.dtype == result.release_segment.dtype == torch.long
+    stops, releases = loop_online_release(scores, num_segments, **kwargs)
+    assert result.stop_segment.tolist() == stops
+    assert result.release_segment.tolist() == releases
+    return result
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("seed", range(6))
+def test_online_release_equals_a_loop_over_prefixes(seed, dtype):
+    g = torch.Generator().manual_seed(seed)
+    batch, width = 12, int(torch.randint(1, 24, (1,), generator=g))
+    scores = torch.rand(batch, width, generator=g, dtype=dtype)
+    # late drops of random size and position, and some rows quantised to produce ties
+    drop_at = torch.randint(0, width + 1, (batch, 1), generator=g)
+    scores = scores - (torch.arange(width) >= drop_at) * torch.rand(batch, 1, generator=g, dtype=dtype) * 3
+    scores[::3] = scores[::3].mul(2).round()
+    num_segments = torch.randint(0, width + 1, (batch,), generator=g)
+    for min_segments, patience in ((3, 2), (1, 1), (2, 3), (5, 1)):
+        _check(scores, num_segments, min_segments=min_segments, patience=patience)
+
+
+def test_online_release_constructed_cases():
+    rows = [
+        [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0],  # a drop that appears only late
+        [2.0, 2.0, 2.0, 0.0, 0.0, 2.0, 2.0, 2.0, 2.0, 2.0],  # a drop that is later undone
+        [2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # fewer than min_segments (n = 2)
+        [1.0, 1.1, 0.9, 1.0, 1.05, 0.95, 1.0, 1.0, 1.0, 1.0],  # no drop at all
+        [3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 0.0, 0.0],  # the drop is too late for patience
+    ]
+    scores = torch.tensor(rows)
+    num_segments = torch.tensor([10, 10, 2, 10, 10])
+    result = _check(scores, num_segments)
+    offline = bic_change_point(scores, num_segments)
+    # late drop: stopped two segments after it, at the offline release point
+    assert (result.stop_segment[0], result.release_segment[0]) == (8, 6) and offline.release_segment[0] == 6
+    # undone drop: stopped at the drop the offline rule never sees
+    assert (result.stop_segment[1], result.release_segment[1]) == (5, 3) and not offline.accepted[1]
+    # too short to stop: the offline rule on all segments
+    assert result.stop_segment[2] == 2 and result.release_segment[2] == offline.release_segment[2]
+    assert (result.stop_segment[3], result.release_segment[3]) == (10, 10)
+    # a drop in the last two segments: never stopped, offline release at the drop
+    assert (result.stop_segment[4], result.release_segment[4]) == (10, 8)
+
+
+def test_online_release_degenerate_shapes_and_errors():
+    empty = online_release(torch.zeros(3, 0), torch.zeros(3, dtype=torch.long))
+    assert empty.stop_segment.tolist() == [0, 0, 0] and empty.release_segment.tolist() == [0, 0, 0]
+    none = online_release(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long))
+    assert none.stop_segment.shape == (0,)
+    with pytest.raises(ValueError, match="min_segments and patience"):
+        online_release(torch.zeros(1, 4), torch.tensor([4]), patience=0)
+    with pytest.raises(ValueError, match=r"\[B, S\]"):
+        online_release(torch.zeros(4), torch.tensor([4]))
