@@ -84,3 +84,35 @@ def test_online_release_degenerate_shapes_and_errors():
         online_release(torch.zeros(1, 4), torch.tensor([4]), patience=0)
     with pytest.raises(ValueError, match=r"\[B, S\]"):
         online_release(torch.zeros(4), torch.tensor([4]))
+
+
+# --------------------------------------------------------------------------------------------- configuration
+
+
+def _config(tmp_path, **overrides):
+    from trl_ltc import TeachabilityGKDConfig
+
+    kwargs = dict(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, save_strategy="no")
+    return TeachabilityGKDConfig(**{**kwargs, **overrides})
+
+
+def test_config_defaults_and_online_fields(tmp_path):
+    config = _config(tmp_path)
+    assert (config.rollout_truncation, config.online_min_segments, config.online_patience) == ("none", 3, 2)
+    online = _config(tmp_path, rollout_truncation="online", online_check_tokens=4)
+    assert online.online_check_tokens == 4
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"rollout_truncation": "early"}, "`rollout_truncation`"),
+        ({"rollout_truncation": "online", "supervision": "full"}, "needs `supervision='release'`"),
+        ({"rollout_truncation": "online", "online_min_segments": 0}, "`online_min_segments`"),
+        ({"rollout_truncation": "online", "online_patience": 0}, "`online_patience`"),
+        ({"rollout_truncation": "online", "online_check_tokens": 0}, "`online_check_tokens`"),
+    ],
+)
+def test_config_errors_name_the_online_fields(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _config(tmp_path, **overrides)
