@@ -116,3 +116,99 @@ def test_config_defaults_and_online_fields(tmp_path):
 def test_config_errors_name_the_online_fields(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         _config(tmp_path, **overrides)
+
+
+# --------------------------------------------------------------------------------------------- generation loop
+
+
+def _prompts(tokenizer, batch=8, length=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, len(tokenizer), (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    ids[::2, :2], mask[::2, :2] = tokenizer.pad_token_id, 0  # left padding on every other row
+    return ids, mask
+
+
+def _generate(tokenizer, student, teacher, ids, mask, do_sample=True, max_new_tokens=40, **kwargs):
+    from transformers import GenerationConfig
+
+    from trl_ltc.online import TransformersBlocks, generate_online
+
+    eos = [tokenizer.eos_token_id]
+    config = GenerationConfig(
+        do_sample=do_sample, top_k=0, top_p=1.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos
+    )
+    options = dict(check_tokens=4, segmentation="fixed", segment_window=3, min_segments=3, patience=2)
+    options.update(kwargs)
+    return generate_online(
+        TransformersBlocks(student, config, 5), teacher, tokenizer, ids, mask, max_new_tokens=max_new_tokens,
+        eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, **options,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def models(tokenizer):
+    from helpers import make_model
+
+    return make_model(len(tokenizer), seed=1), make_model(len(tokenizer), seed=2)
+
+
+def test_generation_loop_stops_exactly_where_online_release_says(tokenizer, models):
+    """Offline signals on everything the loop generated give the same stops, at the same segments."""
+    from trl.trainer.utils import pad
+
+    from trl_ltc.release import segment_scores
+    from trl_ltc.segmentation import segment_completions
+    from trl_ltc.signals import token_signals
+
+    student, teacher = models
+    ids, mask = _prompts(tokenizer)
+    torch.manual_seed(0)
+    rollout = _generate(tokenizer, student, teacher, ids, mask)
+    assert 0 < int(rollout.stopped.sum()) < len(rollout.stopped)  # both kinds of rows are exercised
+
+    generated = [torch.tensor(g) for g in rollout.generated_ids]
+    completion = pad(generated, padding_value=tokenizer.pad_token_id)
+    completion_mask = pad([torch.ones_like(g) for g in generated], padding_value=0)
+    signals = token_signals(
+        student, teacher, torch.cat([ids, completion], 1), torch.cat([mask, completion_mask], 1),
+        torch.cat([torch.zeros_like(mask), completion_mask], 1), top_k=5,
+    )  # fmt: skip
+    segment_ids = segment_completions(completion, completion_mask, tokenizer, "fixed", 3)
+    scores, num_segments = segment_scores(signals.margins[:, ids.shape[1] :], segment_ids)
+    expected = online_release(scores, num_segments)
+
+    assert rollout.stopped.tolist() == (expected.stop_segment < num_segments).tolist()
+    assert rollout.stop_segment.tolist() == expected.stop_segment.tolist()
+    assert rollout.release_segment.tolist() == expected.release_segment.tolist()
+    for b, (kept, full) in enumerate(zip(rollout.completion_ids, rollout.generated_ids)):
+        if rollout.stopped[b]:  # the kept prefix is segments 0..tau-1; the tokens after it are dropped
+            assert kept == full[: 3 * int(rollout.release_segment[b])]
+            # stopped in the block where segment `stop_segment` started
+            first_token = 3 * int(rollout.stop_segment[b])
+            assert first_token < len(full) <= first_token + 4
+        else:
+            assert kept == full
+    assert (rollout.bic_gain[rollout.stopped] > 0).all() and (rollout.bic_gain[~rollout.stopped] == 0).all()
+    assert rollout.teacher_time > 0
+
+
+def test_generation_loop_continues_blocks_like_one_generate_call(tokenizer, models):
+    """Greedy: the blocks (KV caches continued, stopped rows dropped) generate the tokens of one generate call."""
+    from transformers import GenerationConfig
+
+    student, teacher = models
+    ids, mask = _prompts(tokenizer, seed=1)
+    eos = [tokenizer.eos_token_id]
+    config = GenerationConfig(do_sample=False, max_new_tokens=30, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
+    reference = student.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1] :]
+    never = _generate(tokenizer, student, teacher, ids, mask, do_sample=False, max_new_tokens=30, min_segments=99)
+    online = _generate(
+        tokenizer, student, teacher, ids, mask, do_sample=False, max_new_tokens=30, min_segments=2, patience=1
+    )
+    assert not never.stopped.any() and online.stopped.any()
+    for b in range(ids.shape[0]):
+        row = reference[b].tolist()
+        assert never.completion_ids[b] == row[: len(never.completion_ids[b])]
+        assert len(never.completion_ids[b]) == 30 or never.completion_ids[b][-1] in eos
+        assert online.generated_ids[b] == row[: len(online.generated_ids[b])]
