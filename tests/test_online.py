@@ -212,3 +212,84 @@ def test_generation_loop_continues_blocks_like_one_generate_call(tokenizer, mode
         assert never.completion_ids[b] == row[: len(never.completion_ids[b])]
         assert len(never.completion_ids[b]) == 30 or never.completion_ids[b][-1] in eos
         assert online.generated_ids[b] == row[: len(online.generated_ids[b])]
+
+
+# --------------------------------------------------------------------------------------------- trainer
+
+
+ROLLOUT_METRICS = (
+    "rollout/generated_tokens", "rollout/truncated_frac", "rollout/saved_tokens_frac", "rollout/teacher_scoring_time"
+)  # fmt: skip
+
+
+def test_online_truncation_trains_and_drops_the_released_tokens(tmp_path, tokenizer, models):
+    import math
+
+    from datasets import Dataset
+
+    from trl_ltc import TeachabilityGKDTrainer
+
+    prompts = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"Tom has {i} apples."}] for i in range(8)]})
+    args = _config(
+        tmp_path, max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_completion_length=16,
+        logging_steps=1, learning_rate=1e-3, segmentation="fixed", segment_window=2, release_diagnostics_steps=0,
+        rollout_truncation="online", online_min_segments=2, online_patience=1, online_check_tokens=3,
+    )  # fmt: skip
+    student, teacher = (copy_model(m) for m in models)
+    trainer = TeachabilityGKDTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=prompts, processing_class=tokenizer
+    )
+    rollouts = []
+    generate = trainer._generate_online
+    trainer._generate_online = lambda prompt_ids: rollouts.append(generate(prompt_ids)) or rollouts[-1]
+    trainer.train()
+
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs) == 2
+    for log in logs:
+        assert math.isfinite(log["loss"])
+        for name in ROLLOUT_METRICS + ("release/accepted_frac", "release/kept_token_frac"):
+            assert math.isfinite(log[name]), name
+    rollout = rollouts[-1]
+    assert rollout.stopped.any(), "the settings are chosen so that some trajectories stop"
+    generated = sum(map(len, rollout.generated_ids))
+    assert logs[-1]["rollout/generated_tokens"] == generated
+    assert logs[-1]["rollout/truncated_frac"] == rollout.stopped.float().mean().item()
+    stopped_at = [len(g) for g, s in zip(rollout.generated_ids, rollout.stopped) if s]
+    expected_saved = sum(16 - n for n in stopped_at) / (16 * len(stopped_at) + generated - sum(stopped_at))
+    assert logs[-1]["rollout/saved_tokens_frac"] == pytest.approx(expected_saved)
+
+    # The batch of the last step holds the kept prefixes only; stopped rows are weighted 1 on every kept token.
+    batch_rows = {}
+    for inputs in trainer._buffered_inputs:
+        for ids, mask, stop in zip(inputs["completion_ids"], inputs["completion_mask"], inputs["online_stopped"]):
+            batch_rows.setdefault(tuple(ids[mask.bool()].tolist()), []).append(bool(stop))
+    expected_rows = {}
+    for kept, stop in zip(rollout.completion_ids, rollout.stopped.tolist()):
+        expected_rows.setdefault(tuple(kept), []).append(stop)
+    assert {k: sorted(v) for k, v in batch_rows.items()} == {k: sorted(v) for k, v in expected_rows.items()}
+    last = trainer._buffered_inputs[-1]
+    weights, mask = trainer.last_supervision.weights, last["completion_mask"].float()
+    stopped = last["online_stopped"].bool()
+    assert torch.equal(weights[stopped], mask[stopped])
+    assert trainer.last_supervision.change_point.accepted[stopped].all()
+
+
+def copy_model(model):
+    import copy
+
+    return copy.deepcopy(model).train()
+
+
+def test_online_truncation_rejects_unsupported_setups(tmp_path, tokenizer, models):
+    from datasets import Dataset
+
+    from trl_ltc import TeachabilityGKDTrainer
+
+    prompts = Dataset.from_dict({"prompt": ["Tom has 3 apples."] * 4})
+    args = _config(tmp_path, rollout_truncation="online", max_steps=1)
+    with pytest.raises(ValueError, match="does not support tool calling"):
+        TeachabilityGKDTrainer(
+            model=copy_model(models[0]), teacher_model=copy_model(models[1]), args=args, train_dataset=prompts,
+            processing_class=tokenizer, tools=[lambda x: x],
+        )  # fmt: skip
