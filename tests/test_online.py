@@ -214,6 +214,28 @@ def test_generation_loop_continues_blocks_like_one_generate_call(tokenizer, mode
         assert online.generated_ids[b] == row[: len(online.generated_ids[b])]
 
 
+# --------------------------------------------------------------------------------------------- supervision
+
+
+def test_stopped_trajectories_keep_every_token():
+    from trl_ltc.supervision import supervision_weights
+
+    # Both rows drop sharply after two segments; the first was stopped online, so its batch row is the kept prefix.
+    margins = torch.tensor([[5.0, 5.0, 5.0, 5.0, 0.0, 0.0, 0.0, 0.0]] * 2)
+    segment_ids = torch.tensor([[0, 0, 1, 1, 2, 2, 3, 3]] * 2)
+    loss_mask = torch.ones(2, 8)
+    offline = supervision_weights("release", loss_mask, segment_ids=segment_ids, margins=margins)
+    online = supervision_weights(
+        "release", loss_mask, segment_ids=segment_ids, margins=margins,
+        online_stopped=torch.tensor([True, False]), online_bic_gain=torch.tensor([7.5, 0.0]),
+    )  # fmt: skip
+    assert offline.change_point.release_segment.tolist() == [2, 2]
+    assert torch.equal(online.weights[0], loss_mask[0]) and torch.equal(online.weights[1], offline.weights[1])
+    assert online.change_point.release_segment.tolist() == [4, 2]
+    assert online.change_point.accepted.tolist() == [True, True]
+    assert online.change_point.bic_gain[0] == 7.5 and online.change_point.bic_gain[1] == offline.change_point.bic_gain[1]
+
+
 # --------------------------------------------------------------------------------------------- trainer
 
 
@@ -293,3 +315,65 @@ def test_online_truncation_rejects_unsupported_setups(tmp_path, tokenizer, model
             model=copy_model(models[0]), teacher_model=copy_model(models[1]), args=args, train_dataset=prompts,
             processing_class=tokenizer, tools=[lambda x: x],
         )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------- diagnose replay
+
+
+def _record(scores, spans, accepted, release, index=0):
+    return {
+        "index": index, "prompt_id": None, "step": None, "num_segments": len(scores), "segment_scores": scores,
+        "segment_token_spans": spans, "completion_length": spans[-1][1] if spans else 0, "accepted": accepted,
+        "release_segment": release,
+    }  # fmt: skip
+
+
+def _records():
+    late = [1.0] * 6 + [0.0] * 4  # stopped at 8 segments, released at 6: agrees with the offline rule
+    undone = [2.0, 2.0, 2.0, 0.0, 0.0] + [2.0] * 5  # stopped at 5 segments, released at 3: the offline rule keeps all
+    flat = [1.0, 1.1, 0.9, 1.0, 1.05]
+    spans = lambda n: [[5 * i, 5 * i + 5] for i in range(n)]  # noqa: E731 - five tokens per segment
+    return [
+        _record(late, spans(10), True, 6, 0),
+        _record(undone, spans(10), False, 10, 1),
+        _record(flat, spans(5), False, 5, 2),
+    ]
+
+
+def test_online_replay_fields():
+    from trl_ltc.diagnostics import online_replay, summarize_online
+
+    records = _records()
+    exact, blocks = online_replay(records), online_replay(records, check_tokens=16)
+    assert [(o["online_stop_segment"], o["online_release_segment"]) for o in exact] == [(8, 6), (5, 3), (5, 5)]
+    assert [o["online_stopped"] for o in exact] == [True, True, False]
+    assert [o["online_agrees"] for o in exact] == [True, False, True]
+    # segment 8 starts at token 40: generated 41 tokens (check_tokens=1) or up to the end of the block, 48
+    assert [o["online_generated_tokens"] for o in exact] == [41, 26, 25]
+    assert [o["online_generated_tokens"] for o in blocks] == [48, 32, 25]
+    assert [o["online_saved_tokens"] for o in blocks] == [2, 18, 0]
+    numbers = summarize_online(records, blocks)
+    assert numbers["stopped_fraction"] == pytest.approx(2 / 3)
+    assert numbers["agreement"] == pytest.approx(2 / 3) and numbers["agreement_stopped"] == 0.5
+    assert numbers["saved_tokens_fraction"] == pytest.approx(20 / 125)
+    assert online_replay([]) == []
+
+
+def test_diagnose_replay_command(tmp_path, capsys):
+    import json
+
+    from trl_ltc import cli
+    from trl_ltc.diagnostics import write_records
+
+    write_records(_records(), tmp_path / "records.jsonl")
+    out = tmp_path / "replay"
+    argv = ["diagnose", "--replay", str(tmp_path / "records.jsonl"), "--online_check_tokens", "16"]
+    assert cli.main([*argv, "--output_dir", str(out)]) == 0
+    lines = [json.loads(line) for line in (out / "online_replay.jsonl").read_text().splitlines()]
+    assert [line["online_saved_tokens"] for line in lines] == [2, 18, 0] and lines[1]["index"] == 1
+    summary = (out / "online_replay.md").read_text()
+    assert "| Tokens saved (fraction of the completion tokens) | 0.160 |" in summary
+    assert "| Online release point = offline release point (all trajectories) | 0.667 |" in summary
+    assert "online_replay.md" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["diagnose", "--replay", "x.jsonl", "--online_patience", "0"])
