@@ -377,3 +377,71 @@ def test_diagnose_replay_command(tmp_path, capsys):
     assert "online_replay.md" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli.main(["diagnose", "--replay", "x.jsonl", "--online_patience", "0"])
+
+
+# --------------------------------------------------------------------------------------------- vLLM blocks
+
+
+class _FakeVLLMGeneration:
+    """TRL's `VLLMGeneration.generate` contract (token-id prompts in, completions up to EOS out), greedy, on CPU."""
+
+    def __init__(self, model, tokenizer, max_completion_length):
+        self.model, self.tokenizer, self.max_completion_length = model, tokenizer, max_completion_length
+
+    def generate(self, prompts, images, num_generations, profiler=None):
+        from transformers import GenerationConfig
+
+        eos = self.tokenizer.eos_token_id
+        config = GenerationConfig(do_sample=False, max_new_tokens=self.max_completion_length, eos_token_id=eos)
+        completions = []
+        for prompt in prompts:
+            out = self.model.generate(input_ids=torch.tensor([prompt]), generation_config=config)[0, len(prompt) :]
+            ids = out.tolist()
+            completions.append(ids[: ids.index(eos) + 1] if eos in ids else ids)
+        return prompts, completions, None, None
+
+
+def test_vllm_blocks_make_the_decisions_of_transformers_blocks(tokenizer, models):
+    """The vLLM block generator (here on a CPU stand-in with vLLM's interface) continues sequences like generate."""
+    from trl_ltc.online import VLLMBlocks, generate_online
+
+    student, teacher = models
+    ids, mask = _prompts(tokenizer, batch=4, seed=1)
+    options = dict(check_tokens=4, segmentation="fixed", segment_window=3, min_segments=2, patience=1)
+    reference = _generate(tokenizer, student, teacher, ids, mask, do_sample=False, max_new_tokens=24, **options)
+    fake = _FakeVLLMGeneration(student, tokenizer, max_completion_length=24)
+    rollout = generate_online(
+        VLLMBlocks(fake, student, 5, tokenizer.pad_token_id), teacher, tokenizer, ids, mask, max_new_tokens=24,
+        eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id, **options,
+    )  # fmt: skip
+    assert fake.max_completion_length == 24  # restored after each block
+    assert rollout.generated_ids == reference.generated_ids and rollout.completion_ids == reference.completion_ids
+    assert torch.equal(rollout.stopped, reference.stopped) and reference.stopped.any()
+    assert torch.equal(rollout.release_segment, reference.release_segment)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="vLLM generation needs a CUDA GPU")
+def test_online_truncation_with_vllm_colocate(tmp_path, tokenizer, models):
+    pytest.importorskip("vllm", reason="vLLM is not installed")
+    from datasets import Dataset
+
+    from trl_ltc import TeachabilityGKDTrainer
+
+    student_dir, teacher_dir = tmp_path / "student", tmp_path / "teacher"
+    for model, path in zip(models, (student_dir, teacher_dir)):
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    prompts = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"Tom has {i} apples."}] for i in range(8)]})
+    args = _config(
+        tmp_path / "out", use_cpu=False, max_steps=2, per_device_train_batch_size=4, max_completion_length=24,
+        logging_steps=1, segmentation="fixed", segment_window=2, rollout_truncation="online", online_min_segments=2,
+        online_patience=1, online_check_tokens=4, use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.2,
+        release_diagnostics_steps=0,
+    )  # fmt: skip
+    trainer = TeachabilityGKDTrainer(
+        model=str(student_dir), teacher_model=str(teacher_dir), args=args, train_dataset=prompts,
+        processing_class=tokenizer,
+    )  # fmt: skip
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs) == 2 and all("rollout/truncated_frac" in log for log in logs)
