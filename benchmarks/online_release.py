@@ -106,8 +106,9 @@ def report(args) -> None:
             kls = [r["heldout_reverse_kl"] for r in rows]
             print(
                 f"| **{mode} mean** | {mean(mean(r['generated_tokens']) for r in rows):.1f} | "
-                f"{mean(mean(r['step_seconds']) for r in rows):.1f} | {mean(mean(r['truncated_frac']) for r in rows):.2f} "
-                f"| {mean(kls):.4f} (min {min(kls):.4f}, max {max(kls):.4f}) |"
+                f"{mean(mean(r['step_seconds']) for r in rows):.1f} | "
+                f"{mean(mean(r['truncated_frac']) for r in rows):.2f} | "
+                f"{mean(kls):.4f} (min {min(kls):.4f}, max {max(kls):.4f}) |"
             )
     records = []
     for path in sorted(ROOT.glob("release-seed*/release_records.jsonl")):

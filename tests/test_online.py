@@ -200,7 +200,9 @@ def test_generation_loop_continues_blocks_like_one_generate_call(tokenizer, mode
     student, teacher = models
     ids, mask = _prompts(tokenizer, seed=1)
     eos = [tokenizer.eos_token_id]
-    config = GenerationConfig(do_sample=False, max_new_tokens=30, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
+    config = GenerationConfig(
+        do_sample=False, max_new_tokens=30, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos
+    )
     reference = student.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1] :]
     never = _generate(tokenizer, student, teacher, ids, mask, do_sample=False, max_new_tokens=30, min_segments=99)
     online = _generate(
@@ -233,7 +235,8 @@ def test_stopped_trajectories_keep_every_token():
     assert torch.equal(online.weights[0], loss_mask[0]) and torch.equal(online.weights[1], offline.weights[1])
     assert online.change_point.release_segment.tolist() == [4, 2]
     assert online.change_point.accepted.tolist() == [True, True]
-    assert online.change_point.bic_gain[0] == 7.5 and online.change_point.bic_gain[1] == offline.change_point.bic_gain[1]
+    assert online.change_point.bic_gain[0] == 7.5
+    assert online.change_point.bic_gain[1] == offline.change_point.bic_gain[1]
 
 
 # --------------------------------------------------------------------------------------------- trainer

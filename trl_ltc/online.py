@@ -93,7 +93,7 @@ class CachedForward:
 
 
 def _project(hidden: torch.Tensor, head: OutputHead, temperature: float, chunk_size: int | None, reduce):
-    """``reduce(logits_chunk)`` over chunks of ``hidden`` ``[n, H]``, concatenated; never more than a chunk of logits."""
+    """``reduce(logits, start)`` over chunks of ``hidden`` ``[n, H]``, concatenated (one chunk of logits at a time)."""
     chunk_size = chunk_size or max(1, _LOGITS_PER_CHUNK // head.weight.shape[0])
     parts = [
         reduce(head.logits(hidden[start : start + chunk_size], temperature, hidden.dtype), start)

@@ -162,13 +162,9 @@ class TeachabilityGKDTrainer(DistillationTrainer):
     # one `generate` call; everything around it (prompt tokenization, padding, metrics, batching) stays the parent's.
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
         if self.args.rollout_truncation != "online":
-            completion_ids = super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
-            self._log_rollout(torch.tensor([len(ids) for ids in completion_ids]))
-            return completion_ids
-        rollout = self._online_rollout = self._generate_online(prompt_ids)
-        generated = torch.tensor([len(ids) for ids in rollout.generated_ids])
-        self._log_rollout(generated, rollout.stopped, rollout.teacher_time)
-        return rollout.completion_ids
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
+        self._online_rollout = self._generate_online(prompt_ids)
+        return self._online_rollout.completion_ids
 
     def _generate_online(self, prompt_ids) -> OnlineRollout:
         args, device, pad_id = self.args, self.accelerator.device, self._tokenizer.pad_token_id
@@ -229,11 +225,8 @@ class TeachabilityGKDTrainer(DistillationTrainer):
         stopped = torch.zeros_like(generated, dtype=torch.bool) if stopped is None else stopped.bool()
         limit = self.max_completion_length
         estimate = torch.where(stopped, limit, generated)
-        local = torch.tensor(
-            [generated.sum(), stopped.sum(), stopped.numel(), (estimate - generated).sum(), estimate.sum(), teacher_time],
-            dtype=torch.float64,
-            device=self.accelerator.device,
-        )
+        sums = [generated.sum(), stopped.sum(), stopped.numel(), (estimate - generated).sum(), estimate.sum()]
+        local = torch.tensor([*map(float, sums), teacher_time], dtype=torch.float64, device=self.accelerator.device)
         total = self.accelerator.gather(local[None]).sum(0).tolist()
         metrics = self._metrics["train" if self.model.training else "eval"]
         metrics["rollout/generated_tokens"].append(total[0])
@@ -245,10 +238,15 @@ class TeachabilityGKDTrainer(DistillationTrainer):
     def _generate_and_score_completions(self, inputs):
         self._online_rollout = None
         output = super()._generate_and_score_completions(inputs)
-        if self._online_rollout is not None:  # per-trajectory tensors travel with the batch through shuffle and split
-            output["online_stopped"] = self._online_rollout.stopped.to(self.accelerator.device)
-            output["online_bic_gain"] = self._online_rollout.bic_gain.to(self.accelerator.device)
-            self._online_rollout = None
+        rollout, self._online_rollout = self._online_rollout, None
+        if rollout is None:  # the model's own tokens: the completions, without tool results
+            generated = (output["completion_mask"] * output.get("tool_mask", 1)).sum(1)
+            self._log_rollout(generated.cpu())
+        else:  # per-trajectory tensors travel with the batch through the parent's shuffle and split
+            generated = torch.tensor([len(ids) for ids in rollout.generated_ids])
+            self._log_rollout(generated, rollout.stopped, rollout.teacher_time)
+            output["online_stopped"] = rollout.stopped.to(self.accelerator.device)
+            output["online_bic_gain"] = rollout.bic_gain.to(self.accelerator.device)
         return output
 
     # The parent's `_compute_loss` prepares both models' hidden states, output heads and logit post-processing and
