@@ -103,6 +103,15 @@ def test_config_defaults_and_online_fields(tmp_path):
     assert online.online_check_tokens == 4
 
 
+def test_distill_command_line_sets_the_online_fields():
+    from trl_ltc.distill import build_parser
+
+    argv = "--rollout_truncation online --online_min_segments 4 --online_patience 1 --online_check_tokens 8"
+    _, args, _, _ = build_parser().parse_args_and_config([*argv.split(), "--use_cpu", "--output_dir", "x"])
+    fields = (args.rollout_truncation, args.online_min_segments, args.online_patience, args.online_check_tokens)
+    assert fields == ("online", 4, 1, 8) and args.supervision == "release"
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
