@@ -252,6 +252,15 @@ def test_summary_table(run):
     assert f"| Mean kept fraction of the completion (all trajectories) | {mean_kept:.3f} |" in summary
 
 
+def test_records_carry_the_online_release_replay(run):
+    replayed = diagnostics.online_replay(run.records, check_tokens=16)
+    for record, fields in zip(run.records, replayed):
+        assert {k: record[k] for k in fields} == fields
+    summary = (run.out / "summary.md").read_text()
+    assert "## Online release replay (formula 9)" in summary
+    assert "online_min_segments=3, online_patience=2, online_check_tokens=16." in summary
+
+
 def test_cases_page_renders_in_chromium(run, tmp_path):
     spec = importlib.util.spec_from_file_location(
         "render_cases", Path(__file__).parents[1] / "scripts" / "render_cases.py"

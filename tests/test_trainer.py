@@ -22,6 +22,7 @@ METRICS = (
     "margin/suffix_mean",
     "advantage/mean",
     "advantage/std",
+    "rollout/generated_tokens",
 )
 TEACHABILITY_METRICS = (
     "teachability/kept_token_frac",

@@ -8,6 +8,7 @@ SUPERVISIONS = ("full", "fixed_prefix", "release", "random_release", "adv_std_re
 SEGMENTATIONS = ("nltk", "newline", "fixed")
 LOSS_TYPES = ("advantage", "parent")
 TOKEN_SCORES = ("teachability", "tip", "entropy", "divergence", "random")
+ROLLOUT_TRUNCATIONS = ("none", "online")
 # Policies whose weights need the teacher's distribution over the student's top-K, not only log pT(y_t).
 MARGIN_POLICIES = ("release", "random_release", "token_teachability")
 
@@ -54,6 +55,13 @@ class TeachabilityGKDConfig(DistillationConfig):
         release_diagnostics_steps (`int`, defaults to `10`): the release records of the last N steps are kept and
             plotted into `output_dir` at each save and at the end of training (`trl_ltc.diagnostics`); 0 turns it off.
         token_score, token_keep_ratio, token_top_k, token_min_keep: TA-OPD selection, see the fields' help.
+        rollout_truncation (`str`, defaults to `"none"`): `"online"` runs the release rule while the student
+            generates and stops each trajectory once its supervision is released (formula 9 of the design): the
+            released suffix is neither generated to the end, nor scored, nor trained on. Only with
+            `supervision="release"`.
+        online_min_segments (`int`, defaults to `3`): complete segments a trajectory needs before it can be stopped.
+        online_patience (`int`, defaults to `2`): complete segments that must follow the drop before stopping.
+        online_check_tokens (`int`, defaults to `16`): new tokens generated between two teacher scoring blocks.
     """
 
     supervision: str = field(
@@ -131,6 +139,27 @@ class TeachabilityGKDConfig(DistillationConfig):
         default=1,
         metadata={"help": "Tokens kept at least per trajectory by `token_teachability` (>= 0)."},
     )
+    rollout_truncation: str = field(
+        default="none",
+        metadata={
+            "help": "'online': stop generating a trajectory once the release rule has released its supervision "
+            "(the change point on the segments so far, checked every `online_check_tokens` tokens); only with "
+            "`supervision='release'`. 'none': generate every completion to EOS or max length.",
+            "choices": ROLLOUT_TRUNCATIONS,
+        },
+    )
+    online_min_segments: int = field(
+        default=3,
+        metadata={"help": "With rollout_truncation='online': complete segments needed before a stop (>= 1)."},
+    )
+    online_patience: int = field(
+        default=2,
+        metadata={"help": "With rollout_truncation='online': complete segments after the drop before a stop (>= 1)."},
+    )
+    online_check_tokens: int = field(
+        default=16,
+        metadata={"help": "With rollout_truncation='online': new tokens generated between teacher scoring blocks."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -164,5 +193,15 @@ class TeachabilityGKDConfig(DistillationConfig):
             raise ValueError(f"`token_top_k` must be >= 1; got {self.token_top_k}.")
         if self.token_min_keep < 0:
             raise ValueError(f"`token_min_keep` must be >= 0; got {self.token_min_keep}.")
+        _choice("rollout_truncation", self.rollout_truncation, ROLLOUT_TRUNCATIONS)
+        if self.rollout_truncation == "online" and self.supervision != "release":
+            raise ValueError(
+                "`rollout_truncation='online'` stops generation where the release rule stops supervising, so it needs "
+                f"`supervision='release'`; got supervision={self.supervision!r}. Set `supervision='release'` or "
+                "`rollout_truncation='none'`."
+            )
+        for name in ("online_min_segments", "online_patience", "online_check_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1; got {getattr(self, name)}.")
         if self.release_seed is None:
             self.release_seed = self.seed

@@ -25,7 +25,18 @@ teacher/student pair, from the same functions the trainer uses (``token_signals`
     A self-contained page with a few trajectories: kept prefix and released suffix, segment boundaries and scores,
     and an inline SVG chart of the segment scores with the change point (paper Figure 6).
 ``summary.md``
-    Key numbers in a small table.
+    Key numbers in a small table, and the replay of the online release rule (below).
+
+Online release replay
+---------------------
+:func:`online_replay` replays ``trl_ltc.release.online_release`` (formula 9 of the design) on the records' segment
+scores: what ``rollout_truncation="online"`` would have decided while generating these completions. Every record
+gets ``online_stop_segment``, ``online_release_segment``, ``online_stopped`` (stopped before its last segment),
+``online_agrees`` (online and offline release points equal), ``online_generated_tokens`` (tokens generated when it
+stopped: the block of ``check_tokens`` tokens in which segment ``online_stop_segment`` started ends, capped at the
+completion length; the whole completion when not stopped) and ``online_saved_tokens`` (the rest of the completion).
+``trl-ltc diagnose --replay records.jsonl`` replays recorded rollouts (``records.jsonl``, or the trainer's
+``release_records.jsonl`` of an offline ``release`` run) without loading any model.
 
 During training, :class:`ReleaseDiagnosticsCallback` keeps the records of the last steps and writes
 ``release.png`` and ``margin_curve.png`` (and the records, ``release_records.jsonl``) into the trainer's output
@@ -90,10 +101,12 @@ __all__ = [
     "diagnose",
     "main",
     "margin_curve",
+    "online_replay",
     "plot_margin_curve",
     "plot_release",
     "plot_support_sweep",
     "summarize",
+    "summarize_online",
     "trajectory_records",
     "visible_text",
     "write_cases_html",
@@ -424,6 +437,93 @@ def _teachability_summary(records: Sequence[dict]) -> dict[str, float]:
     }
 
 
+def online_replay(
+    records: Sequence[dict], min_segments: int = 3, patience: int = 2, check_tokens: int = 1
+) -> list[dict]:
+    """The online release rule replayed on each record's segment scores (module docstring: fields).
+
+    Args:
+        records: trajectory records (``segment_scores``, ``segment_token_spans``, ``release_segment``,
+            ``completion_length``).
+        min_segments, patience: of ``online_release``.
+        check_tokens: tokens per generation block (1: the stop happens right after the first token of the
+            segment that completes the decision).
+
+    Returns:
+        One dict of ``online_*`` fields per record, in order.
+    """
+    from .release import online_release
+
+    if check_tokens < 1:
+        raise ValueError(f"check_tokens must be >= 1; got {check_tokens}")
+    if not records:
+        return []
+    width = max(r["num_segments"] for r in records)
+    scores = torch.zeros(len(records), width, dtype=torch.float64)
+    for row, record in enumerate(records):
+        scores[row, : record["num_segments"]] = torch.tensor(record["segment_scores"], dtype=torch.float64)
+    num_segments = torch.tensor([r["num_segments"] for r in records], dtype=torch.long)
+    decision = online_release(scores, num_segments, min_segments, patience)
+    replayed = []
+    for record, stop, release in zip(records, decision.stop_segment.tolist(), decision.release_segment.tolist()):
+        length, stopped = record["completion_length"], stop < record["num_segments"]
+        generated = length
+        if stopped:  # the stop is decided in the block holding the first token of segment `stop`
+            first = record["segment_token_spans"][stop][0]
+            generated = min(length, -(-(first + 1) // check_tokens) * check_tokens)
+        replayed.append(
+            {
+                "online_stop_segment": stop,
+                "online_release_segment": release,
+                "online_stopped": stopped,
+                "online_agrees": release == record["release_segment"],
+                "online_generated_tokens": generated,
+                "online_saved_tokens": length - generated,
+            }
+        )
+    return replayed
+
+
+def summarize_online(records: Sequence[dict], replayed: Sequence[dict]) -> dict[str, float]:
+    """Overall numbers of an :func:`online_replay`: stops, agreement with the offline release, tokens saved."""
+    n = len(replayed)
+    stopped = [(r, o) for r, o in zip(records, replayed) if o["online_stopped"]]
+    length = sum(r["completion_length"] for r in records)
+    return {
+        "trajectories": n,
+        "stopped_fraction": len(stopped) / n if n else math.nan,
+        "agreement": sum(o["online_agrees"] for o in replayed) / n if n else math.nan,
+        "agreement_stopped": sum(o["online_agrees"] for _, o in stopped) / len(stopped) if stopped else math.nan,
+        "accepted_agreement_stopped": (
+            sum(r["accepted"] for r, _ in stopped) / len(stopped) if stopped else math.nan
+        ),
+        "generated_tokens": sum(o["online_generated_tokens"] for o in replayed),
+        "completion_tokens": length,
+        "saved_tokens_fraction": sum(o["online_saved_tokens"] for o in replayed) / length if length else math.nan,
+    }
+
+
+_ONLINE_ROWS = (
+    ("stopped_fraction", "Stopped early (fraction of trajectories)", "{:.3f}"),
+    ("agreement", "Online release point = offline release point (all trajectories)", "{:.3f}"),
+    ("agreement_stopped", "Online release point = offline release point (stopped trajectories)", "{:.3f}"),
+    ("accepted_agreement_stopped", "Offline rule also accepts a drop (stopped trajectories)", "{:.3f}"),
+    ("generated_tokens", "Completion tokens generated with online stopping", "{:d}"),
+    ("completion_tokens", "Completion tokens generated without it", "{:d}"),
+    ("saved_tokens_fraction", "Tokens saved (fraction of the completion tokens)", "{:.3f}"),
+)
+
+
+def online_summary_lines(numbers: dict, settings: str = "") -> list[str]:
+    """Markdown lines of :func:`summarize_online`'s numbers."""
+    lines = ["## Online release replay (formula 9)", "", settings, "", "| quantity | value |", "|---|---|"]
+    for key, label, fmt in _ONLINE_ROWS:
+        value = numbers[key]
+        text = "n/a" if isinstance(value, float) and math.isnan(value) else fmt.format(value)
+        lines.append(f"| {label} | {text} |")
+    return lines
+
+
 _SUMMARY_ROWS = (
     ("trajectories", "Trajectories", "{:d}"),
     ("accepted_fraction", "Accepted fraction (one-drop summary preferred by BIC)", "{:.3f}"),
@@ -442,8 +542,11 @@ _SUMMARY_ROWS = (
 )
 
 
-def write_summary(records: Sequence[dict], path, settings: dict | None = None) -> Path:
-    """Write ``summary.md``: the numbers of :func:`summarize` in a table, then the run's ``settings``."""
+def write_summary(
+    records: Sequence[dict], path, settings: dict | None = None, online: list[str] | None = None
+) -> Path:
+    """Write ``summary.md``: the numbers of :func:`summarize` in a table, the ``online`` replay lines, the
+    run's ``settings``."""
     numbers = summarize(records)
     lines = ["# Release diagnostics", "", "| quantity | value |", "|---|---|"]
     for key, label, fmt in _SUMMARY_ROWS:
@@ -452,6 +555,8 @@ def write_summary(records: Sequence[dict], path, settings: dict | None = None) -
         value = numbers[key]
         text = "n/a" if isinstance(value, float) and math.isnan(value) else fmt.format(value)
         lines.append(f"| {label} | {text} |")
+    if online:
+        lines += ["", *online]
     if settings:
         lines += ["", "## Settings", "", "| setting | value |", "|---|---|"]
         lines += [f"| {key} | `{value}` |" for key, value in settings.items()]
@@ -913,6 +1018,9 @@ def diagnose(
     token_score: str = "teachability",
     token_keep_ratio: float = 0.05,
     token_min_keep: int = 1,
+    online_min_segments: int = 3,
+    online_patience: int = 2,
+    online_check_tokens: int = 16,
 ) -> dict[str, Path]:
     """Sample, score and segment completions of ``prompts`` and write every diagnostics file into ``output_dir``.
 
@@ -922,7 +1030,9 @@ def diagnose(
     Margins for each K of ``top_k_sweep`` are computed the same way (``support_sweep.png``). The TA-OPD features
     (``token_top_k``) come from the same pass, and ``supervision_weights("token_teachability", ...)`` selects the
     tokens over each scoring batch of ``batch_size`` trajectories, as training does over a per-device batch
-    (``teachability.png``); ``token_score="random"`` draws from a generator seeded with ``seed``.
+    (``teachability.png``); ``token_score="random"`` draws from a generator seeded with ``seed``. The online
+    release rule is replayed on the records with ``online_min_segments``, ``online_patience`` and
+    ``online_check_tokens`` (:func:`online_replay`; fields in ``records.jsonl``, overall numbers in ``summary.md``).
 
     Returns ``{file name: path}`` of the files written.
     """
@@ -1007,6 +1117,14 @@ def diagnose(
         f"K={top_k}, segmentation={segmentation}, temperature={temperature}, "
         f"max_completion_length={max_completion_length}, seed={seed}."
     )
+    replayed = online_replay(records, online_min_segments, online_patience, online_check_tokens)
+    for record, fields in zip(records, replayed):
+        record.update(fields)
+    online = online_summary_lines(
+        summarize_online(records, replayed),
+        f"online_min_segments={online_min_segments}, online_patience={online_patience}, "
+        f"online_check_tokens={online_check_tokens}.",
+    )
     files = {
         "records.jsonl": write_records(records, output_dir / "records.jsonl"),
         "margin_curve.png": plot_margin_curve(records, output_dir / "margin_curve.png", bins, top_k),
@@ -1014,7 +1132,7 @@ def diagnose(
         "support_sweep.png": plot_support_sweep(sweep_margins, output_dir / "support_sweep.png", bins),
         "teachability.png": plot_teachability(records, output_dir / "teachability.png", bins),
         "cases.html": write_cases_html(records, output_dir / "cases.html", num_cases, meta=meta),
-        "summary.md": write_summary(records, output_dir / "summary.md", settings),
+        "summary.md": write_summary(records, output_dir / "summary.md", settings, online),
     }
     return files
 
@@ -1131,6 +1249,31 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="Model dtype (default: bfloat16 on CUDA if supported, else float32).",
     )
+    add(
+        "--online_min_segments",
+        type=int,
+        default=3,
+        help="Online release replay: complete segments needed before a stop (default: 3).",
+    )
+    add(
+        "--online_patience",
+        type=int,
+        default=2,
+        help="Online release replay: complete segments after the drop before a stop (default: 2).",
+    )
+    add(
+        "--online_check_tokens",
+        type=int,
+        default=16,
+        help="Online release replay: generated tokens between two decisions, for the saved tokens (default: 16).",
+    )
+    add(
+        "--replay",
+        metavar="RECORDS_JSONL",
+        help="Replay the online release rule on recorded trajectories (records.jsonl, or release_records.jsonl "
+        "of a training run) instead of sampling: writes online_replay.jsonl and online_replay.md into "
+        "--output_dir; no model is loaded.",
+    )
     add("--output_dir", default="out/diagnose", help="Where the files are written (default: out/diagnose).")
     add("--no_progress", action="store_true", help="Hide progress bars.")
     return parser
@@ -1142,6 +1285,11 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    for name in ("online_min_segments", "online_patience", "online_check_tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1; got {getattr(args, name)}")
+    if args.replay:
+        return _replay_main(args)
     if args.preset:
         try:
             preset = _preset(args.preset)
@@ -1218,8 +1366,33 @@ def main(argv: list[str] | None = None) -> int:
         token_score=args.token_score,
         token_keep_ratio=args.token_keep_ratio,
         token_min_keep=args.token_min_keep,
+        online_min_segments=args.online_min_segments,
+        online_patience=args.online_patience,
+        online_check_tokens=args.online_check_tokens,
     )
     print(f"Wrote {', '.join(files)} to {os.path.abspath(args.output_dir)}")
+    return 0
+
+
+def _replay_main(args) -> int:
+    """``trl-ltc diagnose --replay records.jsonl``: the online release replay of recorded trajectories."""
+    path = Path(args.replay)
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    replayed = online_replay(records, args.online_min_segments, args.online_patience, args.online_check_tokens)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    keys = ("index", "prompt_id", "step", "num_segments", "completion_length", "release_segment", "accepted")
+    write_records(
+        [{**{k: r.get(k) for k in keys}, **o} for r, o in zip(records, replayed)], output_dir / "online_replay.jsonl"
+    )
+    settings = (
+        f"{len(records)} trajectories of `{path}`; online_min_segments={args.online_min_segments}, "
+        f"online_patience={args.online_patience}, online_check_tokens={args.online_check_tokens}."
+    )
+    lines = online_summary_lines(summarize_online(records, replayed), settings)
+    (output_dir / "online_replay.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+    print(f"Wrote online_replay.jsonl, online_replay.md to {os.path.abspath(output_dir)}")
     return 0
 
 

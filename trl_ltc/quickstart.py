@@ -33,7 +33,7 @@ from . import embedded
 RECIPE = "quickstart.yaml"
 METRICS_FILE = "quickstart_metrics.json"
 # Prefixes of the trainer's metrics that the summary reports (means over the logged steps).
-SUMMARY_PREFIXES = ("release/", "margin/", "advantage/", "teachability/")
+SUMMARY_PREFIXES = ("release/", "margin/", "advantage/", "teachability/", "rollout/")
 
 
 def recipe_path(name: str = RECIPE) -> str:

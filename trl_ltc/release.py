@@ -7,6 +7,9 @@ One batch goes through four steps::
     change_point = bic_change_point(scores, num_segments)               # ChangePoint         formula 6
     weights = release_weights(segment_ids, loss_mask, change_point)     # [B, T]              formula 7
 
+:func:`online_release` (formula 9) replays the online rule that stops a trajectory's generation once its
+supervision is released.
+
 Every function is batched and vectorised (no Python loop over trajectories, tokens or candidate change
 points), runs on whatever device its inputs live on, and needs nothing but torch.
 """
@@ -22,8 +25,10 @@ from torch import Tensor
 __all__ = [
     "LOG_PROB_FLOOR",
     "ChangePoint",
+    "OnlineRelease",
     "bic_change_point",
     "mass_preserving_weights",
+    "online_release",
     "release_weights",
     "segment_scores",
     "support_margin",
@@ -269,3 +274,65 @@ def release_weights(segment_ids: Tensor, loss_mask: Tensor, change_point: Change
     release = change_point.release_segment.to(segment_ids.device)[:, None]
     keep = (segment_ids >= 0) & (segment_ids < release)
     return mass_preserving_weights(keep, loss_mask)
+
+
+# ----------------------------------------------------------------------------------------------- formula 9
+
+
+class OnlineRelease(NamedTuple):
+    """Result of :func:`online_release`, one entry per trajectory."""
+
+    stop_segment: Tensor
+    """``[B]`` long: complete segments when generation stopped (``num_segments`` when it never stopped)."""
+    release_segment: Tensor
+    """``[B]`` long: segments kept (``tau`` of the stop; the offline change point when it never stopped)."""
+
+
+def online_release(scores: Tensor, num_segments: Tensor, min_segments: int = 3, patience: int = 2) -> OnlineRelease:
+    """The online release rule (formula 9) replayed on complete trajectories.
+
+    While a trajectory is generated, each time its ``n``-th segment is complete (segment ``n`` has started) the
+    change point of formula 6 is run on its first ``n`` scores; generation stops at the first ``n`` with
+    ``n >= min_segments`` whose change point is accepted at ``tau`` with ``n - tau >= patience``. Here every
+    ``n`` in ``min_segments .. num_segments - 1`` is tried at once: the first that qualifies gives
+    ``stop_segment = n`` and ``release_segment = tau``; a trajectory where none does was generated to its end
+    and gets the offline rule, ``stop_segment = num_segments`` and ``release_segment`` of
+    :func:`bic_change_point` on all its scores. The generation loop of the trainer calls this same function on
+    the scores it has so far, so a replay on recorded scores makes the same decisions.
+
+    Every prefix of every row goes through one batched :func:`bic_change_point` call (``O(S^2)`` work per
+    trajectory, no Python loop).
+
+    Args:
+        scores: ``[B, S]`` segment scores; columns ``>= num_segments[b]`` are ignored.
+        num_segments: ``[B]`` integer, each ``<= S``.
+        min_segments: smallest number of complete segments a stop is decided on (``>= 1``).
+        patience: complete segments that must follow the drop (``>= 1``).
+
+    Returns:
+        :class:`OnlineRelease`.
+    """
+    if scores.ndim != 2 or num_segments.shape != scores.shape[:1]:
+        raise ValueError(
+            f"scores must be [B, S] and num_segments [B]; got {tuple(scores.shape)} and {tuple(num_segments.shape)}"
+        )
+    if min_segments < 1 or patience < 1:
+        raise ValueError(f"min_segments and patience must be >= 1; got {min_segments} and {patience}")
+    batch, max_segments = scores.shape
+    n = num_segments.to(device=scores.device, dtype=torch.long)
+    offline = bic_change_point(scores, n).release_segment
+    prefixes = torch.arange(min(min_segments, max_segments), max_segments, device=scores.device)  # candidate n
+    if prefixes.numel() == 0:
+        return OnlineRelease(n.clone(), offline)
+    num_prefixes = prefixes.numel()
+    rows = scores[:, None, :].expand(batch, num_prefixes, max_segments).reshape(-1, max_segments)
+    tau = bic_change_point(rows, prefixes.repeat(batch)).release_segment.view(batch, num_prefixes)
+    # an accepted change point has tau < n; a rejected one has tau == n and fails the patience test
+    stops = (prefixes < n[:, None]) & (prefixes - tau >= patience)
+    first = torch.where(stops, torch.arange(num_prefixes, device=scores.device), num_prefixes).amin(dim=1)
+    stopped = first < num_prefixes
+    first = first.clamp(max=num_prefixes - 1)[:, None]
+    return OnlineRelease(
+        stop_segment=torch.where(stopped, prefixes[first.squeeze(1)], n),
+        release_segment=torch.where(stopped, tau.gather(1, first).squeeze(1), offline),
+    )

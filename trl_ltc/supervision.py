@@ -87,6 +87,8 @@ def supervision_weights(
     token_score: str = "teachability",
     token_keep_ratio: float = 0.05,
     token_min_keep: int = 1,
+    online_stopped: torch.Tensor | None = None,
+    online_bic_gain: torch.Tensor | None = None,
 ) -> Supervision:
     """Weights `[B, T]` of `policy` for one batch of trajectories.
 
@@ -101,6 +103,10 @@ def supervision_weights(
         fixed_prefix_length: L of `fixed_prefix`.
         generator: random source of `random_release` and `token_score="random"`.
         token_score, token_keep_ratio, token_min_keep: TA-OPD selection (`trl_ltc.teachability`).
+        online_stopped: `[B]` bool, trajectories whose generation the online release rule stopped (formula 9).
+            Their completion is already the kept prefix: the change point reports them as accepted with every
+            segment kept (bic gain `online_bic_gain`), so `release` weighs their tokens 1.
+        online_bic_gain: `[B]` float, the BIC gain of the change point that stopped each trajectory.
     """
     loss_mask = loss_mask.float()
     change_point = num_segments = scores = None
@@ -111,6 +117,14 @@ def supervision_weights(
         scores, num_segments = segment_scores(margins, segment_ids)
     if scores is not None:
         change_point = bic_change_point(scores, num_segments)
+    if online_stopped is not None and change_point is not None:
+        stopped = online_stopped.to(change_point.accepted.device).bool()
+        gain = change_point.bic_gain if online_bic_gain is None else online_bic_gain.to(change_point.bic_gain)
+        change_point = ChangePoint(
+            release_segment=torch.where(stopped, num_segments, change_point.release_segment),
+            accepted=change_point.accepted | stopped,
+            bic_gain=torch.where(stopped, gain, change_point.bic_gain),
+        )
 
     if policy == "full":
         weights = loss_mask

@@ -17,10 +17,14 @@ from datasets import Dataset, IterableDataset
 from transformers import AutoConfig, AutoTokenizer, ProcessorMixin
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import DistillationTrainer
+from trl.extras.profiling import profiling_context
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+from trl.models.utils import unwrap_model_for_generation
+from trl.trainer.utils import pad
 
 from .config import MARGIN_POLICIES, SUPERVISIONS, TeachabilityGKDConfig
 from .diagnostics import ReleaseDiagnosticsCallback, trajectory_records
+from .online import OnlineRollout, TransformersBlocks, VLLMBlocks, generate_online
 from .prompts import truncate_prompt_ids, validate_prompt_dataset
 from .segmentation import segment_completions
 from .signals import NON_FINITE_ADVICE, OutputHead, SignalsError, signals_from_hidden
@@ -52,7 +56,16 @@ class TeachabilityGKDTrainer(DistillationTrainer):
     Metrics (logged every `logging_steps`, summed over processes): `release/accepted_frac`,
     `release/kept_token_frac`, `release/release_position`, `release/bic_gain`, `release/num_segments`,
     `margin/prefix_mean`, `margin/suffix_mean`, `advantage/mean`, `advantage/std`, and `teachability/*` with
-    `supervision="token_teachability"`.
+    `supervision="token_teachability"`. Per generation batch (one optimizer step), summed over processes:
+    `rollout/generated_tokens` (completion tokens the student generated, including any later dropped) and, with
+    `rollout_truncation="online"`, `rollout/truncated_frac` (trajectories stopped early), `rollout/saved_tokens_frac`
+    and `rollout/teacher_scoring_time` (see `_log_rollout`).
+
+    With `rollout_truncation="online"` the student generates in blocks of `online_check_tokens` tokens, the teacher
+    scores each block, and a trajectory stops as soon as the online release rule (formula 9) releases it: the batch
+    holds only its kept prefix, weighted 1 (`trl_ltc.online`). Supported with transformers generation on one process
+    or DDP, and with vLLM in `vllm_mode="colocate"` with `vllm_tensor_parallel_size=1`; not with tools,
+    vision-language models, FSDP or DeepSpeed ZeRO-3 (the blocks of each process would have to be synchronised).
     """
 
     _tag_names = ["trl", "distillation", "trl-ltc"]
@@ -111,6 +124,9 @@ class TeachabilityGKDTrainer(DistillationTrainer):
             tools=tools,
         )
         _check_top_k(args, self.model.get_output_embeddings().weight.shape[0])  # the head itself, once loaded
+        if args.rollout_truncation == "online":
+            self._check_online_support()
+        self._online_rollout: OnlineRollout | None = None
         self.release_generator = torch.Generator().manual_seed(args.release_seed + self.accelerator.process_index)
         self._pending_stats = None
         self._warned_empty = False
@@ -153,9 +169,14 @@ class TeachabilityGKDTrainer(DistillationTrainer):
             self._warned_truncation = True
         return prompt_ids, images, multimodal_fields
 
+    # Generation: with `rollout_truncation="online"` the student's completions come from `generate_online` instead of
+    # one `generate` call; everything around it (prompt tokenization, padding, metrics, batching) stays the parent's.
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
         try:
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
+            if self.args.rollout_truncation != "online":
+                return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
+            self._online_rollout = self._generate_online(prompt_ids)
+            return self._online_rollout.completion_ids
         except RuntimeError as error:  # `torch.multinomial` on NaN/inf probabilities while sampling
             if "probability tensor contains" not in str(error):
                 raise
@@ -177,6 +198,109 @@ class TeachabilityGKDTrainer(DistillationTrainer):
         super()._load_rng_state(checkpoint)
         if checkpoint is not None and os.path.isfile(path := _release_rng_file(checkpoint, self.args.process_index)):
             self.release_generator.set_state(torch.load(path))
+
+    def _check_online_support(self) -> None:
+        args, fix = self.args, "or set `rollout_truncation='none'`"
+        unsupported = [
+            (bool(self.tools), f"tool calling (multi-turn generation); drop `tools` {fix}"),
+            (self._is_vlm, f"vision-language models; use a text model {fix}"),
+            (
+                self._dist.is_fsdp or self._dist.is_zero3,
+                "FSDP or DeepSpeed ZeRO-3: each process stops its own rows, so the sharded models' blocks would have "
+                f"to be synchronised across processes; use DDP or ZeRO-1/2 {fix}",
+            ),
+            (
+                self.use_vllm and (args.vllm_mode != "colocate" or args.vllm_tensor_parallel_size != 1),
+                "vLLM in server mode or with tensor parallelism (processes generate different numbers of rows per "
+                f"block); use `vllm_mode='colocate'` with `vllm_tensor_parallel_size=1` {fix}",
+            ),
+        ]
+        for failed, message in unsupported:
+            if failed:
+                raise ValueError(f"`rollout_truncation='online'` does not support {message}.")
+
+    def _generate_online(self, prompt_ids) -> OnlineRollout:
+        args, device, pad_id = self.args, self.accelerator.device, self._tokenizer.pad_token_id
+        prompts = [torch.tensor(ids) for ids in prompt_ids]
+        input_ids = pad(prompts, pad_id, "left", self.pad_to_multiple_of).to(device)
+        attention_mask = pad([torch.ones_like(p) for p in prompts], 0, "left", self.pad_to_multiple_of).to(device)
+        teacher = self.accelerator.unwrap_model(self.teacher_model).eval()
+        if self.use_vllm and self.state.global_step != self._last_loaded_step:
+            with profiling_context(self, "sync_weights"):
+                self.vllm_generation.sync_weights()
+            self._last_loaded_step = self.state.global_step
+        with (
+            profiling_context(self, "online_release.generate"),
+            unwrap_model_for_generation(
+                self.model_wrapped,
+                self.accelerator,
+                gather_deepspeed3_params=args.ds3_gather_for_generation,
+                generation_kwargs=self.generation_kwargs,
+                gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
+            ) as student,
+            torch.no_grad(),
+        ):
+            if self.use_vllm:
+                blocks = VLLMBlocks(self.vllm_generation, student, args.release_top_k, pad_id, args.signal_chunk_size)
+            else:
+                blocks = TransformersBlocks(student, self.generation_config, args.release_top_k)
+            return generate_online(
+                blocks,
+                teacher,
+                self._tokenizer,
+                input_ids,
+                attention_mask,
+                max_new_tokens=self.max_completion_length,
+                eos_token_ids=self.eos_token_ids,
+                pad_token_id=pad_id,
+                check_tokens=args.online_check_tokens,
+                temperature=self.temperature,
+                segmentation=args.segmentation,
+                segment_window=args.segment_window,
+                min_segments=args.online_min_segments,
+                patience=args.online_patience,
+                chunk_size=args.signal_chunk_size,
+            )
+
+    def _log_rollout(self, generated, stopped=None, teacher_time: float = 0.0) -> None:
+        """Rollout metrics of one generation batch, summed over processes.
+
+        `rollout/generated_tokens`: completion tokens the student generated (with online truncation, including those
+        generated past the kept prefix before the block ended). `rollout/truncated_frac`: fraction of trajectories
+        stopped early. `rollout/saved_tokens_frac`: tokens not generated relative to the offline length estimate,
+        `sum_stopped (L - n_b) / (sum_stopped L + sum_others n_b)` where `n_b` is the number of tokens a trajectory had
+        generated when it stopped (or ended) and `L = max_completion_length` -- a stopped trajectory is counted as if
+        it would have run to the length limit, so this is an upper bound on the true saving.
+        `rollout/teacher_scoring_time`: seconds the teacher spent scoring blocks during generation (mean over
+        processes).
+        """
+        online = stopped is not None
+        stopped = torch.zeros_like(generated, dtype=torch.bool) if stopped is None else stopped.bool()
+        limit = self.max_completion_length
+        estimate = torch.where(stopped, limit, generated)
+        sums = [generated.sum(), stopped.sum(), stopped.numel(), (estimate - generated).sum(), estimate.sum()]
+        local = torch.tensor([*map(float, sums), teacher_time], dtype=torch.float64, device=self.accelerator.device)
+        total = self.accelerator.gather(local[None]).sum(0).tolist()
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        metrics["rollout/generated_tokens"].append(total[0])
+        if online:
+            metrics["rollout/truncated_frac"].append(total[1] / max(total[2], 1))
+            metrics["rollout/saved_tokens_frac"].append(total[3] / max(total[4], 1))
+            metrics["rollout/teacher_scoring_time"].append(total[5] / self.accelerator.num_processes)
+
+    def _generate_and_score_completions(self, inputs):
+        self._online_rollout = None
+        output = super()._generate_and_score_completions(inputs)
+        rollout, self._online_rollout = self._online_rollout, None
+        if rollout is None:  # the model's own tokens: the completions, without tool results
+            generated = (output["completion_mask"] * output.get("tool_mask", 1)).sum(1)
+            self._log_rollout(generated.cpu())
+        else:  # per-trajectory tensors travel with the batch through the parent's shuffle and split
+            generated = torch.tensor([len(ids) for ids in rollout.generated_ids])
+            self._log_rollout(generated, rollout.stopped, rollout.teacher_time)
+            output["online_stopped"] = rollout.stopped.to(self.accelerator.device)
+            output["online_bic_gain"] = rollout.bic_gain.to(self.accelerator.device)
+        return output
 
     # The parent's `_compute_loss` prepares both models' hidden states, output heads and logit post-processing and
     # hands them to `_chunked_divergence_loss`; the supervised loss takes that call over for one batch, so none of the
@@ -258,6 +382,8 @@ class TeachabilityGKDTrainer(DistillationTrainer):
             token_score=args.token_score,
             token_keep_ratio=args.token_keep_ratio,
             token_min_keep=args.token_min_keep,
+            online_stopped=inputs.get("online_stopped"),
+            online_bic_gain=inputs.get("online_bic_gain"),
         )
         weights = supervision.weights.to(advantages.dtype)
         if parent_loss:

@@ -1,0 +1,275 @@
+"""Online release (DESIGN.md formula 9): stop generating a trajectory once the release rule has released it.
+
+:func:`generate_online` samples completions in blocks of ``check_tokens`` new tokens. After each block the teacher
+scores the new tokens (its KV cache is kept between blocks, so each token is scored once), giving the teacher
+margin on the student's top-K at every new position (formula 4); the completions so far are segmented
+(``segment_completions``), their segment scores computed (formula 5), and :func:`trl_ltc.release.online_release`
+decides on those scores which trajectories stop. A stopped trajectory keeps segments ``0..tau-1``; what it generated
+after them is dropped. The rows still running go on to the next block; the others leave both models' caches.
+
+Two block generators are provided:
+
+- :class:`TransformersBlocks`: ``model.generate`` for ``check_tokens`` tokens at a time, continuing from its own KV
+  cache; the student's top-K comes from the raw logits of the same steps (``output_logits``), so it costs no extra
+  forward pass. Its memory holds one block of ``[rows, V]`` logits per new token.
+- :class:`VLLMBlocks` (GPU, only where vLLM is installed): TRL's ``VLLMGeneration`` continues the unfinished
+  sequences from their text so far, ``check_tokens`` at a time; the student's top-K comes from a forward pass of the
+  training student over the new tokens, with its own KV cache.
+
+Stopping happens at block boundaries: a stopped trajectory has generated up to ``check_tokens - 1`` tokens past the
+point where its decision became possible.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import NamedTuple
+
+import torch
+from trl.trainer.utils import pad
+
+from .release import bic_change_point, online_release, segment_scores, support_margin
+from .segmentation import segment_completions
+from .signals import _LOGITS_PER_CHUNK, OutputHead
+
+__all__ = ["CachedForward", "OnlineRollout", "TransformersBlocks", "VLLMBlocks", "generate_online"]
+
+
+class OnlineRollout(NamedTuple):
+    """Completions sampled under the online release rule, one entry per prompt."""
+
+    completion_ids: list[list[int]]
+    """The completion that goes into the batch: up to and including EOS, or the kept prefix of a stopped row."""
+    generated_ids: list[list[int]]
+    """Every token the student generated (up to and including EOS); longer than the completion for stopped rows."""
+    stopped: torch.Tensor
+    """``[B]`` bool: stopped early by the online rule."""
+    stop_segment: torch.Tensor
+    """``[B]`` long: complete segments at the stop (formula 9); the final number of segments when not stopped."""
+    release_segment: torch.Tensor
+    """``[B]`` long: kept segments ``tau`` of a stopped row; the offline change point of the others."""
+    bic_gain: torch.Tensor
+    """``[B]`` float: the BIC gain of the change point that stopped the row (0 when not stopped)."""
+    teacher_time: float
+    """Seconds spent scoring blocks with the teacher (forward pass and margins)."""
+
+
+def _backbone(model):
+    """The transformer body of a causal LM (or of a PEFT model wrapping one), returning hidden states."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model.base_model
+
+
+class CachedForward:
+    """Hidden states of one model for the newest tokens of growing sequences, reusing its KV cache.
+
+    Each call feeds the tokens the cache has not seen, except the last one (its prediction is not needed yet), and
+    returns the hidden states that predict the last ``num_new`` tokens. Rows can be dropped between calls.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.device = model.get_output_embeddings().weight.device
+        self.cache = None
+        self.cached = 0
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor, num_new: int) -> torch.Tensor:
+        length = ids.shape[1]
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        out = _backbone(self.model)(
+            input_ids=ids[:, self.cached : length - 1],
+            attention_mask=mask[:, : length - 1],
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.cache, self.cached = out.past_key_values, length - 1
+        return out.last_hidden_state[:, -num_new:]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        if self.cache is not None:
+            self.cache.reorder_cache(rows.to(self.device))
+
+
+def _project(hidden: torch.Tensor, head: OutputHead, temperature: float, chunk_size: int | None, reduce):
+    """``reduce(logits, start)`` over chunks of ``hidden`` ``[n, H]``, concatenated (one chunk of logits at a time)."""
+    chunk_size = chunk_size or max(1, _LOGITS_PER_CHUNK // head.weight.shape[0])
+    parts = [
+        reduce(head.logits(hidden[start : start + chunk_size], temperature, hidden.dtype), start)
+        for start in range(0, hidden.shape[0], chunk_size)
+    ]
+    return torch.cat(parts) if parts else None
+
+
+class TransformersBlocks:
+    """Student blocks from ``model.generate``, continuing from its KV cache; top-K from the raw step logits."""
+
+    def __init__(self, model, generation_config, top_k: int):
+        self.model = model
+        self.config = copy.deepcopy(generation_config)
+        self.config.return_dict_in_generate = True
+        self.config.output_logits = True  # unprocessed logits: the top-K the training forward sees
+        self.config.cache_implementation = None  # a dynamic cache, so rows can be dropped and blocks appended
+        self.top_k = top_k
+        self.cache = None
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor, num_new: int):
+        self.config.max_new_tokens = num_new
+        out = self.model.generate(
+            input_ids=ids, attention_mask=mask, past_key_values=self.cache, generation_config=self.config
+        )
+        self.cache = out.past_key_values
+        support = torch.stack([logits.topk(self.top_k, dim=-1).indices for logits in out.logits], dim=1)
+        return out.sequences[:, ids.shape[1] :], support
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.cache.reorder_cache(rows.to(self.model.device))
+
+
+class VLLMBlocks:
+    """Student blocks from TRL's ``VLLMGeneration`` (GPU, vLLM installed), continuing each unfinished sequence.
+
+    vLLM generates ``num_new`` more tokens for each row from its tokens so far (prompt and completion, without
+    padding); the student's top-K at the new positions comes from the training student's own forward pass over
+    them, with a KV cache kept across blocks. Needs ``vllm_mode="colocate"`` with ``vllm_tensor_parallel_size=1``
+    (each process generates its own rows, whose number differs between processes).
+    """
+
+    def __init__(self, vllm_generation, student, top_k: int, pad_token_id: int, chunk_size: int | None = None):
+        self.vllm = vllm_generation
+        self.student = CachedForward(student)
+        self.head = OutputHead.of(student)
+        self.top_k, self.pad_token_id, self.chunk_size = top_k, pad_token_id, chunk_size
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor, num_new: int):
+        prompts = [row[keep.bool()].tolist() for row, keep in zip(ids.cpu(), mask.cpu())]
+        limit = self.vllm.max_completion_length
+        self.vllm.max_completion_length = num_new
+        try:
+            _, completions, _, _ = self.vllm.generate(prompts=prompts, images=None, num_generations=1)
+        finally:
+            self.vllm.max_completion_length = limit
+        new = pad([torch.tensor(c, dtype=torch.long) for c in completions], padding_value=self.pad_token_id)
+        new = new.to(ids.device)
+        hidden = self.student(torch.cat([ids, new], 1), torch.cat([mask, torch.ones_like(new)], 1), new.shape[1])
+        support = _project(
+            hidden.reshape(-1, hidden.shape[-1]), self.head, 1.0, self.chunk_size,
+            lambda logits, _: logits.topk(self.top_k, dim=-1).indices,
+        )  # fmt: skip
+        return new, support.view(*new.shape, self.top_k)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.student.keep(rows)
+
+
+@torch.no_grad()
+def generate_online(
+    blocks,
+    teacher,
+    tokenizer,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_ids,
+    pad_token_id: int,
+    check_tokens: int,
+    temperature: float = 1.0,
+    segmentation: str = "nltk",
+    segment_window: int = 64,
+    min_segments: int = 3,
+    patience: int = 2,
+    chunk_size: int | None = None,
+) -> OnlineRollout:
+    """Sample one completion per prompt and stop each trajectory once the online release rule says so.
+
+    Args:
+        blocks: a block generator (:class:`TransformersBlocks` or :class:`VLLMBlocks`): ``blocks(ids, mask, n)``
+            returns the next (up to) ``n`` tokens ``[A, n']`` of every row, padded after EOS, and the student's
+            top-K ids ``[A, n', K]`` at those positions; ``blocks.keep(rows)`` drops the other rows.
+        teacher: the teacher causal LM (scores each new token once, through its KV cache).
+        tokenizer: for the segmentation.
+        input_ids, attention_mask: ``[B, P]`` left-padded prompts.
+        max_new_tokens: the completion length limit.
+        eos_token_ids: ids that end a completion (kept in it).
+        pad_token_id: fills finished rows.
+        check_tokens: new tokens per block.
+        temperature: teacher log-softmax temperature (the training temperature).
+        segmentation, segment_window: as in ``TeachabilityGKDConfig``.
+        min_segments, patience: of :func:`trl_ltc.release.online_release`.
+        chunk_size: positions projected to the vocabulary at a time.
+    """
+    batch, device = input_ids.shape[0], input_ids.device
+    eos = torch.tensor(sorted(set(eos_token_ids)), device=device)
+    tokens = input_ids.new_full((batch, max_new_tokens), pad_token_id)
+    margins = torch.zeros(batch, max_new_tokens, device=device)
+    lengths = torch.zeros(batch, dtype=torch.long, device=device)  # tokens up to and including EOS
+    kept = torch.full((batch,), -1, dtype=torch.long, device=device)  # kept prefix length of stopped rows
+    stop_segment = torch.zeros(batch, dtype=torch.long, device=device)
+    release_segment = torch.zeros(batch, dtype=torch.long, device=device)
+    bic_gain = torch.zeros(batch, device=device)
+    teacher_forward, teacher_head = CachedForward(teacher), OutputHead.of(teacher)
+    teacher_time = 0.0
+    rows, ids, mask, done = torch.arange(batch, device=device), input_ids, attention_mask, 0
+
+    while rows.numel() and done < max_new_tokens:
+        new, support = blocks(ids, mask, min(check_tokens, max_new_tokens - done))
+        width = new.shape[1]
+        if width == 0:
+            break
+        is_eos = torch.isin(new, eos)
+        first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), width)
+        valid = torch.arange(width, device=device) <= first_eos[:, None]
+        ids, mask = torch.cat([ids, new], 1), torch.cat([mask, valid.to(mask.dtype)], 1)
+
+        start = time.perf_counter()
+        hidden = teacher_forward(ids, mask, width)
+        support = support.to(hidden.device)[valid.to(hidden.device)]
+        block = torch.zeros(valid.shape, device=hidden.device)
+        block[valid.to(hidden.device)] = _project(
+            hidden[valid.to(hidden.device)], teacher_head, temperature, chunk_size,
+            lambda logits, at: support_margin(torch.log_softmax(logits, -1), support[at : at + logits.shape[0]]),
+        )  # fmt: skip
+        teacher_time += time.perf_counter() - start
+
+        tokens[rows, done : done + width] = new
+        margins[rows, done : done + width] = block.to(device)
+        lengths[rows] += valid.sum(1)
+        done += width
+
+        # The decision of formula 9 on the segments so far: the last one is still open unless the row ended.
+        so_far = torch.arange(done, device=device) < lengths[rows, None]
+        segment_ids = segment_completions(tokens[rows, :done], so_far, tokenizer, segmentation, segment_window)
+        segment_ids = segment_ids.to(device)
+        scores, num_segments = segment_scores(margins[rows, :done], segment_ids)
+        decision = online_release(scores, num_segments, min_segments, patience)
+        stop = decision.stop_segment < num_segments
+        ended = (first_eos < width) | (done >= max_new_tokens)
+        stop_segment[rows] = decision.stop_segment
+        release_segment[rows] = decision.release_segment
+        if stop.any():
+            stopped_rows = rows[stop]
+            keep = (segment_ids >= 0) & (segment_ids < decision.release_segment[:, None])
+            kept[stopped_rows] = keep.sum(1)[stop]
+            bic_gain[stopped_rows] = bic_change_point(scores, decision.stop_segment).bic_gain[stop].float()
+
+        running = (~stop & ~ended).nonzero().squeeze(1)
+        if running.numel() < rows.numel():
+            blocks.keep(running)
+            teacher_forward.keep(running)
+            rows, ids, mask = rows[running], ids[running], mask[running]
+
+    stopped = kept >= 0
+    final = torch.where(stopped, kept, lengths).tolist()
+    lengths = lengths.tolist()
+    tokens = tokens.cpu()
+    return OnlineRollout(
+        completion_ids=[tokens[b, : final[b]].tolist() for b in range(batch)],
+        generated_ids=[tokens[b, : lengths[b]].tolist() for b in range(batch)],
+        stopped=stopped.cpu(),
+        stop_segment=stop_segment.cpu(),
+        release_segment=release_segment.cpu(),
+        bic_gain=bic_gain.cpu(),
+        teacher_time=teacher_time,
+    )
