@@ -347,19 +347,16 @@ def advantage_curve(token_advantages: Sequence[Sequence[float]], bins: int = DEF
     return {"position": (np.arange(bins) + 0.5) / bins, "mean": mean, "std": std, "abs_mean": abs_mean, "count": count}
 
 
-def _before_after(record: dict) -> tuple[list[float], list[float]]:
-    """Token margins before and after the change point of an accepted record."""
-    spans = record["segment_token_spans"]
-    cut = (
-        spans[record["release_segment"]][0] if record["release_segment"] < len(spans) else len(record["token_margins"])
-    )
-    return record["token_margins"][:cut], record["token_margins"][cut:]
-
-
 def release_cut(record: dict) -> int:
     """Completion tokens before the record's change point (its whole length when not accepted)."""
     spans = record["segment_token_spans"]
     return spans[record["release_segment"]][0] if record["release_segment"] < len(spans) else record["completion_length"]
+
+
+def _before_after(record: dict) -> tuple[list[float], list[float]]:
+    """Token margins before and after the change point of an accepted record."""
+    cut = release_cut(record)
+    return record["token_margins"][:cut], record["token_margins"][cut:]
 
 
 def release_fraction(record: dict) -> float:
