@@ -7,7 +7,15 @@ import torch
 
 from trl_ltc.release import bic_change_point, release_weights, segment_scores
 from trl_ltc.signals import OutputHead, signals_from_hidden
-from trl_ltc.supervision import reduce_stats, segment_std, supervision_stats, supervision_weights
+from trl_ltc.supervision import (
+    fraction_prefix_weights,
+    kept_fractions,
+    permute_release_fractions,
+    reduce_stats,
+    segment_std,
+    supervision_stats,
+    supervision_weights,
+)
 
 
 def _ragged(lengths, width):
@@ -138,6 +146,40 @@ def test_random_release_applies_fractions_to_each_own_length():
         swapped = torch.randperm(2, generator=torch.Generator().manual_seed(seed)).tolist() == [1, 0]
         kept = (random_release_weights(segment_ids, mask, change_point, g) > 0).sum(-1).tolist()
         assert kept == ([4, 4] if swapped else [2, 8])
+
+
+def test_release_fraction_permutation_and_prefix_weights_by_hand():
+    fractions = torch.tensor([0.5, 1.0, 0.9, 0.25, 0.75, 0.0], dtype=torch.float64)
+    eligible = torch.tensor([True, True, False, True, True, False])
+    got = permute_release_fractions(fractions, eligible, torch.Generator().manual_seed(3))
+    order = torch.randperm(4, generator=torch.Generator().manual_seed(3))  # the 4 eligible rows, in order
+    rows = torch.tensor([0, 1, 3, 4])
+    want = torch.zeros(6, dtype=torch.float64)
+    want[rows] = fractions[rows[order]]
+    assert order.tolist() != [0, 1, 2, 3]  # the seed really moves fractions
+    assert torch.equal(got, want) and got[2] == got[5] == 0  # ineligible rows get 0, even with a fraction of their own
+
+    # First ceil(fraction * own length) supervised tokens, rescaled to the row's mass; an empty row keeps nothing.
+    mask = _ragged([4, 6, 3, 0], 6)
+    weights = fraction_prefix_weights(mask, torch.tensor([0.5, 1 / 3, 0.5, 0.7], dtype=torch.float64))
+    want = torch.tensor(
+        [
+            [2, 2, 0, 0, 0, 0],  # ceil(0.5 * 4) = 2 of 4
+            [3, 3, 0, 0, 0, 0],  # ceil(6 / 3) = 2 of 6 (not 3: 6 * (1/3) is 2 up to rounding)
+            [1.5, 1.5, 0, 0, 0, 0],  # ceil(0.5 * 3) = 2 of 3
+            [0, 0, 0, 0, 0, 0],
+        ]
+    )
+    torch.testing.assert_close(weights, want)
+
+    # `kept_fractions` reads them back from weights; `supervision_weights` applies precomputed fractions as given.
+    segment_ids = _segments([4, 6, 3, 0], 6, 2)
+    back, back_eligible = kept_fractions(weights, mask, segment_ids)
+    assert back.tolist() == [0.5, 1 / 3, 2 / 3, 0.0] and back_eligible.tolist() == [True, True, True, False]
+    sup = supervision_weights(
+        "random_release", mask, segment_ids=segment_ids, margins=torch.zeros(4, 6), release_fractions=back
+    )
+    torch.testing.assert_close(sup.weights, fraction_prefix_weights(mask, back))
 
 
 def test_stats_and_reduction_by_hand():

@@ -7,7 +7,7 @@ Every policy feeds the same OPD loss (formula 2); only the weights differ (see t
 | `full` | the loss mask |
 | `fixed_prefix` | the first L completion tokens, mass-preserving rescale |
 | `release` | the prefix before the downward change point of the segment margins (formulas 4-7) |
-| `random_release` | the release fractions of the batch permuted across its trajectories |
+| `random_release` | the release fractions permuted across the batch (in training: an optimizer step's, all ranks) |
 | `adv_std_release` | the same change point on the per-segment std of the advantage |
 | `token_teachability` | TA-OPD: the top `keep_ratio` positions of the batch by token score |
 """
@@ -52,26 +52,59 @@ def segment_std(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: t
     return var.sqrt().float()
 
 
+def kept_fractions(
+    weights: torch.Tensor, loss_mask: torch.Tensor, segment_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each trajectory's kept fraction under `weights` and whether `random_release` may move it.
+
+    Returns `fractions` `[B]` float64 (kept completion tokens / completion tokens) and `eligible` `[B]` bool: the
+    trajectory has supervised tokens and at least one segment. Float64, so that `ceil(fraction * length)` gives the
+    kept count back exactly.
+    """
+    mask = loss_mask > 0
+    fractions = ((weights > 0) & mask).sum(-1).double() / mask.sum(-1).clamp(min=1).double()
+    return fractions, (mask & (segment_ids >= 0)).any(-1)
+
+
+def permute_release_fractions(
+    fractions: torch.Tensor, eligible: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """The fractions of the eligible trajectories shuffled among themselves; 0 for the others.
+
+    The eligible rows, in order, receive `fractions[rows[torch.randperm(len(rows), generator=generator)]]`: the draw
+    depends only on the number of eligible rows and the generator's state.
+    """
+    rows = eligible.nonzero().squeeze(-1)
+    order = torch.randperm(rows.numel(), generator=generator, device=generator.device).to(rows.device)
+    permuted = torch.zeros_like(fractions)
+    permuted[rows] = fractions[rows[order]]
+    return permuted
+
+
+def fraction_prefix_weights(loss_mask: torch.Tensor, fractions: torch.Tensor) -> torch.Tensor:
+    """Keep the first `ceil(fraction * length)` completion tokens of each trajectory, mass-preserving rescale.
+
+    `fractions` `[B]`; `length` is the trajectory's own number of supervised tokens (formula 7's `scale`).
+    """
+    mask = loss_mask > 0
+    keep_len = torch.ceil(fractions.double().to(mask.device) * mask.sum(-1) - 1e-6)
+    keep = mask & (mask.cumsum(-1) <= keep_len[:, None])
+    return mass_preserving_weights(keep, loss_mask)
+
+
 def random_release_weights(
     segment_ids: torch.Tensor, loss_mask: torch.Tensor, change_point: ChangePoint, generator: torch.Generator
 ) -> torch.Tensor:
-    """The release fractions of `change_point` permuted across the batch's segmented trajectories.
+    """The release fractions of `change_point` permuted across this batch's segmented trajectories.
 
-    Each trajectory's kept fraction (kept completion tokens / completion tokens) is computed by the release rule;
-    the fractions are shuffled across the trajectories that have supervised tokens and at least one segment, with
-    `generator`, and each of them keeps the first `ceil(fraction * its own length)` completion tokens (mass-preserving
-    rescale). Trajectories without a segment (empty completions) keep nothing, as under `release`.
+    Each trajectory's kept fraction is computed by the release rule (`kept_fractions`), the fractions are shuffled
+    across the trajectories that have supervised tokens and at least one segment (`permute_release_fractions`), and
+    each of them keeps the first `ceil(fraction * its own length)` completion tokens (`fraction_prefix_weights`).
+    Trajectories without a segment (empty completions) keep nothing, as under `release`. The trainer permutes across
+    the whole generation batch of an optimizer step instead and passes the result as `release_fractions`.
     """
-    mask = loss_mask > 0
-    kept = release_weights(segment_ids, loss_mask, change_point) > 0
-    length = mask.sum(-1)
-    fraction = kept.sum(-1) / length.clamp(min=1)
-    rows = ((length > 0) & (mask & (segment_ids >= 0)).any(-1)).nonzero().squeeze(-1)
-    order = torch.randperm(rows.numel(), generator=generator, device=generator.device).to(rows.device)
-    fraction[rows] = fraction[rows[order]]
-    keep_len = torch.ceil(fraction * length - 1e-6)
-    keep = mask & (mask.cumsum(-1) <= keep_len[:, None])
-    return mass_preserving_weights(keep, loss_mask)
+    fractions, eligible = kept_fractions(release_weights(segment_ids, loss_mask, change_point), loss_mask, segment_ids)
+    return fraction_prefix_weights(loss_mask, permute_release_fractions(fractions, eligible, generator))
 
 
 def supervision_weights(
@@ -89,6 +122,7 @@ def supervision_weights(
     token_min_keep: int = 1,
     online_stopped: torch.Tensor | None = None,
     online_bic_gain: torch.Tensor | None = None,
+    release_fractions: torch.Tensor | None = None,
 ) -> Supervision:
     """Weights `[B, T]` of `policy` for one batch of trajectories.
 
@@ -107,6 +141,8 @@ def supervision_weights(
             Their completion is already the kept prefix: the change point reports them as accepted with every
             segment kept (bic gain `online_bic_gain`), so `release` weighs their tokens 1.
         online_bic_gain: `[B]` float, the BIC gain of the change point that stopped each trajectory.
+        release_fractions: `[B]` float, the already permuted fractions `random_release` applies (the trainer draws
+            them across the generation batch of an optimizer step); without them it permutes within this batch.
     """
     loss_mask = loss_mask.float()
     change_point = num_segments = scores = None
@@ -132,6 +168,8 @@ def supervision_weights(
         weights = fixed_mass_preserving_weights(loss_mask, fixed_prefix_length)
     elif policy in ("release", "adv_std_release"):
         weights = release_weights(segment_ids, loss_mask, change_point)
+    elif policy == "random_release" and release_fractions is not None:
+        weights = fraction_prefix_weights(loss_mask, release_fractions)
     elif policy == "random_release":
         weights = random_release_weights(segment_ids, loss_mask, change_point, generator)
     elif policy == "token_teachability":
