@@ -4,7 +4,7 @@
 
 Trains `MAX_STEPS` optimizer steps, saving a checkpoint after every step. The student samples its completions (on
 CPU, from the seeded global RNG, which checkpoints restore); `random_release` draws from the trainer's
-`release_generator`. `--kill-at-step K` sends SIGKILL to the process in the middle of step K + 1, after the forward
+`permutation_generator`. `--kill-at-step K` sends SIGKILL to the process in the middle of step K + 1, after the forward
 pass of its first micro-batch (checkpoint-K is on disk, checkpoint-(K + 1) is not). `--resume` resumes from the last
 complete checkpoint. The logged entries (loss and supervision metrics per step) are written to
 `OUTPUT_DIR/log.json`.

@@ -10,7 +10,10 @@ from helpers import make_model, make_tokenizer
 
 from trl_ltc import TeachabilityGKDConfig, TeachabilityGKDTrainer
 from trl_ltc.config import SUPERVISIONS
-from trl_ltc.signals import SignalsError
+from trl_ltc.segmentation import segment_completions
+from trl_ltc.signals import SignalsError, token_signals
+from trl_ltc.supervision import kept_fractions, supervision_weights
+from trl_ltc.trainer import global_permutation
 
 METRICS = (
     "release/accepted_frac",
@@ -260,15 +263,111 @@ def test_random_release_is_reproducible(tmp_path, tokenizer):
     torch.testing.assert_close(runs[0], runs[1])
 
 
-def test_release_generator_is_checkpointed(tmp_path, tokenizer):
+def test_random_release_permutes_across_the_micro_batches_of_a_step(tmp_path, tokenizer):
+    """Batch 1 x 4 accumulation steps: the 4 trajectories of a step swap release fractions across micro-batches."""
+    seed, V = 5, len(tokenizer)
+    trainer = _trainer(
+        tmp_path, tokenizer, supervision="random_release", loss_type="advantage", release_seed=seed,
+        per_device_train_batch_size=1, gradient_accumulation_steps=4, max_steps=1, segment_window=2,
+    )  # fmt: skip
+    _fixed_completions(trainer)
+    generated, micro_batches = [], []
+    generate, compute_loss = trainer._generate_and_score_completions, trainer.compute_loss
+
+    def recording_generate(inputs):
+        generated.append(generate(inputs))
+        return generated[-1]
+
+    def recording_compute_loss(model, inputs, *args, **kwargs):
+        loss = compute_loss(model, inputs, *args, **kwargs)
+        micro_batches.append((inputs, trainer.last_supervision.weights))
+        return loss
+
+    trainer._generate_and_score_completions, trainer.compute_loss = recording_generate, recording_compute_loss
+    trainer.train()
+    (batch,) = generated
+    assert len(micro_batches) == 4 and batch["completion_ids"].shape[0] == 4
+
+    # The rule's fractions, computed here from the generation batch with the models as they were before the step.
+    completion_mask = batch["completion_mask"]
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    attention_mask = torch.cat([batch["prompt_mask"], completion_mask], 1)
+    signal_mask = torch.cat([torch.zeros_like(batch["prompt_mask"]), completion_mask], 1)
+    with torch.no_grad():
+        signals = token_signals(
+            make_model(V, seed=1), make_model(V, seed=2), ids, attention_mask, signal_mask,
+            top_k=trainer.args.release_top_k, temperature=trainer.args.temperature,
+        )  # fmt: skip
+    segment_ids = segment_completions(batch["completion_ids"], completion_mask, tokenizer, "fixed", 2)
+    margins = signals.margins[:, batch["prompt_ids"].shape[1] :]
+    rule = supervision_weights("release", completion_mask, segment_ids=segment_ids, margins=margins)
+    fractions, eligible = kept_fractions(rule.weights, completion_mask, segment_ids)
+    assert eligible.all() and len(set(fractions.tolist())) > 1  # distinct fractions: the permutation is visible
+
+    applied = batch["random_release_fraction"]
+    expected = fractions[torch.randperm(4, generator=torch.Generator().manual_seed(seed))]
+    torch.testing.assert_close(applied, expected)
+    assert sorted(applied.tolist()) == pytest.approx(sorted(fractions.tolist()))
+    assert not torch.allclose(applied, fractions)  # rows received other micro-batches' fractions
+
+    # Each micro-batch (one trajectory, after the parent's shuffle: matched by completion ids) keeps
+    # ceil(fraction * its own length) tokens, mass preserved.
+    rows = [tuple(row.tolist()) for row in batch["completion_ids"]]
+    seen = []
+    for inputs, weights in micro_batches:
+        b = rows.index(tuple(inputs["completion_ids"][0].tolist()))
+        seen.append(b)
+        length = int(completion_mask[b].sum())
+        assert inputs["random_release_fraction"].tolist() == [applied[b].item()]
+        assert int((weights[0] > 0).sum()) == math.ceil(expected[b].item() * length - 1e-6)
+        assert weights[0].sum().item() == pytest.approx(length)
+    assert sorted(seen) == [0, 1, 2, 3]
+
+
+def test_random_release_permutation_is_seeded(tmp_path, tokenizer):
+    fractions = torch.linspace(0.1, 1.0, 10, dtype=torch.float64)
+    eligible = torch.ones(10, dtype=torch.bool)
+    draws = {}
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        trainer = _trainer(tmp_path / name, tokenizer, supervision="random_release", release_seed=seed)
+        draws[name] = [global_permutation(trainer.accelerator, fractions, eligible, trainer.permutation_generator)]
+        draws[name].append(global_permutation(trainer.accelerator, fractions, eligible, trainer.permutation_generator))
+    for first, second in zip(draws["a"], draws["b"]):
+        assert torch.equal(first, second)
+    assert not torch.equal(draws["a"][0], draws["c"][0]) and not torch.equal(draws["a"][0], draws["a"][1])
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(5))  # seeded by `release_seed` alone
+    assert torch.equal(draws["a"][0], fractions[order])
+
+
+def test_release_generators_are_checkpointed(tmp_path, tokenizer, monkeypatch):
     trainer = _trainer(tmp_path, tokenizer, supervision="random_release")
-    torch.randperm(5, generator=trainer.release_generator)
-    saved = trainer.release_generator.get_state()
+    generators = (trainer.release_generator, trainer.permutation_generator)
+    for generator in generators:
+        torch.randperm(5, generator=generator)
+    saved = [generator.get_state() for generator in generators]
     trainer._save_rng_state(str(tmp_path))
-    torch.randperm(5, generator=trainer.release_generator)
-    assert not torch.equal(trainer.release_generator.get_state(), saved)
+    for generator in generators:
+        torch.randperm(5, generator=generator)
+        assert not any(torch.equal(generator.get_state(), state) for state in saved)
     trainer._load_rng_state(str(tmp_path))
-    assert torch.equal(trainer.release_generator.get_state(), saved)
+    for generator, state in zip(generators, saved):
+        assert torch.equal(generator.get_state(), state)
+
+    # A process without a file of its own (a resume on more processes) still restores process 0's permutation state.
+    for generator in generators:
+        torch.randperm(5, generator=generator)
+    drawn = trainer.release_generator.get_state()
+    monkeypatch.setattr(TeachabilityGKDConfig, "process_index", property(lambda self: 1))
+    trainer._load_rng_state(str(tmp_path))
+    assert torch.equal(trainer.permutation_generator.get_state(), saved[1])
+    assert torch.equal(trainer.release_generator.get_state(), drawn)  # per-process: left as it was
+
+    # A checkpoint of an older version holds the release generator's state alone.
+    torch.save(saved[0], tmp_path / "release_rng_state_0.pth")
+    monkeypatch.undo()
+    torch.randperm(5, generator=trainer.release_generator)
+    trainer._load_rng_state(str(tmp_path))
+    assert torch.equal(trainer.release_generator.get_state(), saved[0])
 
 
 @pytest.mark.parametrize("score", ["teachability", "tip", "entropy", "divergence", "random"])

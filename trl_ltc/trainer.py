@@ -6,6 +6,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import re
 import textwrap
@@ -20,7 +21,7 @@ from trl import DistillationTrainer
 from trl.extras.profiling import profiling_context
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 from trl.models.utils import unwrap_model_for_generation
-from trl.trainer.utils import pad
+from trl.trainer.utils import pad, split_pixel_values_by_grid, split_tensor_dict, unsplit_pixel_values_by_grid
 
 from .config import MARGIN_POLICIES, SUPERVISIONS, TeachabilityGKDConfig
 from .diagnostics import ReleaseDiagnosticsCallback, trajectory_records
@@ -28,7 +29,13 @@ from .online import OnlineRollout, TransformersBlocks, VLLMBlocks, generate_onli
 from .prompts import truncate_prompt_ids, validate_prompt_dataset
 from .segmentation import segment_completions
 from .signals import NON_FINITE_ADVICE, OutputHead, SignalsError, signals_from_hidden
-from .supervision import reduce_stats, supervision_stats, supervision_weights
+from .supervision import (
+    kept_fractions,
+    permute_release_fractions,
+    reduce_stats,
+    supervision_stats,
+    supervision_weights,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +67,10 @@ class TeachabilityGKDTrainer(DistillationTrainer):
     `rollout/generated_tokens` (completion tokens the student generated, including any later dropped) and, with
     `rollout_truncation="online"`, `rollout/truncated_frac` (trajectories stopped early), `rollout/saved_tokens_frac`
     and `rollout/teacher_scoring_time` (see `_log_rollout`).
+
+    With `supervision="random_release"` the release fractions are permuted across the whole generation batch of an
+    optimizer step (all its micro-batches, all processes): see `_random_release_fractions`. This costs one extra
+    no-grad forward of the student and the teacher over the generation batch per step.
 
     With `rollout_truncation="online"` the student generates in blocks of `online_check_tokens` tokens, the teacher
     scores each block, and a trajectory stops as soon as the online release rule (formula 9) releases it: the batch
@@ -127,7 +138,10 @@ class TeachabilityGKDTrainer(DistillationTrainer):
         if args.rollout_truncation == "online":
             self._check_online_support()
         self._online_rollout: OnlineRollout | None = None
+        # Per-process draws (`token_score="random"`, and `random_release` on batches that did not come from generation)
         self.release_generator = torch.Generator().manual_seed(args.release_seed + self.accelerator.process_index)
+        # The global `random_release` permutation: the same seed and the same draws on every process
+        self.permutation_generator = torch.Generator().manual_seed(args.release_seed)
         self._pending_stats = None
         self._warned_empty = False
         self._warned_truncation = False
@@ -190,14 +204,21 @@ class TeachabilityGKDTrainer(DistillationTrainer):
         return f"at optimizer step {step + 1} (global_step={step}); no update of this step was applied"
 
     def _save_rng_state(self, output_dir: str) -> None:
-        # Checkpoints carry the `random_release` / random token-score generator, so a resumed run draws the same.
+        # Checkpoints carry the `random_release` / random token-score generators, so a resumed run draws the same.
         super()._save_rng_state(output_dir)
-        torch.save(self.release_generator.get_state(), _release_rng_file(output_dir, self.args.process_index))
+        states = {"release": self.release_generator.get_state(), "permutation": self.permutation_generator.get_state()}
+        torch.save(states, _release_rng_file(output_dir, self.args.process_index))
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         super()._load_rng_state(checkpoint)
-        if checkpoint is not None and os.path.isfile(path := _release_rng_file(checkpoint, self.args.process_index)):
-            self.release_generator.set_state(torch.load(path))
+        if checkpoint is None:
+            return
+        if (states := _release_rng_states(checkpoint, self.args.process_index)) is not None:
+            self.release_generator.set_state(states["release"])
+        # Every process restores process 0's permutation state, so they keep drawing the same permutations (also
+        # when the run resumes on another number of processes).
+        if (states := _release_rng_states(checkpoint, 0)) is not None and "permutation" in states:
+            self.permutation_generator.set_state(states["permutation"])
 
     def _check_online_support(self) -> None:
         args, fix = self.args, "or set `rollout_truncation='none'`"
@@ -300,13 +321,42 @@ class TeachabilityGKDTrainer(DistillationTrainer):
             self._log_rollout(generated, rollout.stopped, rollout.teacher_time)
             output["online_stopped"] = rollout.stopped.to(self.accelerator.device)
             output["online_bic_gain"] = rollout.bic_gain.to(self.accelerator.device)
+        if self.args.supervision == "random_release":
+            output["random_release_fraction"] = self._random_release_fractions(output)
         return output
+
+    def _random_release_fractions(self, batch: dict) -> torch.Tensor:
+        """The `random_release` fraction `[B]` of each row of this process's generation batch.
+
+        One no-grad scoring pass of the student and the teacher over the generation batch (in micro-batches, through
+        the same `_compute_loss` as training) gives each trajectory the kept fraction of the release rule; the
+        fractions of all processes are gathered, permuted across the eligible trajectories (supervised tokens and at
+        least one segment) with `permutation_generator`, which draws the same permutation on every process, and each
+        process takes back the fractions of its own rows. Ineligible rows get 0 (they keep nothing). The rows then
+        travel with the batch through the parent's shuffle and split, and the loss keeps the first
+        `ceil(fraction * length)` completion tokens of each.
+        """
+        num_chunks = math.gcd(batch["completion_ids"].shape[0], self.args.gradient_accumulation_steps)
+        chunks = split_tensor_dict(split_pixel_values_by_grid(batch), num_chunks)
+        unwrapped = self.accelerator.unwrap_model(self.model_wrapped)
+        fractions, eligible = [], []
+        with torch.no_grad(), self.compute_loss_context_manager():
+            for chunk in chunks:
+                chunk = unsplit_pixel_values_by_grid(chunk)
+                f, e, _ = self._forward_redirection(
+                    self.model_wrapped, unwrapped, self._compute_loss, unwrapped, chunk, None, fractions_only=True
+                )
+                fractions.append(f)
+                eligible.append(e)
+        fractions, eligible = torch.cat(fractions), torch.cat(eligible)
+        return global_permutation(self.accelerator, fractions, eligible, self.permutation_generator)
 
     # The parent's `_compute_loss` prepares both models' hidden states, output heads and logit post-processing and
     # hands them to `_chunked_divergence_loss`; the supervised loss takes that call over for one batch, so none of the
     # preparation (multimodal inputs, tool masks, device placement, FSDP/DeepSpeed routing) is duplicated here.
-    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
-        with _replaced(_distillation, "_chunked_divergence_loss", functools.partial(self._supervised_loss, inputs)):
+    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch, fractions_only: bool = False):
+        loss = functools.partial(self._supervised_loss, inputs, fractions_only=fractions_only)
+        with _replaced(_distillation, "_chunked_divergence_loss", loss):
             return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -338,8 +388,13 @@ class TeachabilityGKDTrainer(DistillationTrainer):
         student_final_logit_softcapping=None,
         teacher_final_logit_softcapping=None,
         temperature=1.0,
+        fractions_only=False,
     ):
-        """The loss of one micro-batch; called with the arguments of the parent's `_chunked_divergence_loss`."""
+        """The loss of one micro-batch; called with the arguments of the parent's `_chunked_divergence_loss`.
+
+        With `fractions_only` (the scoring pass of `_random_release_fractions`, under `torch.no_grad()`) it returns the
+        release rule's `kept_fractions` instead: `(fractions, eligible, None)`.
+        """
         args = self.args
         loss_mask = completion_mask
         student = OutputHead(
@@ -369,6 +424,11 @@ class TeachabilityGKDTrainer(DistillationTrainer):
         segment_ids = segment_completions(
             inputs["completion_ids"], inputs["completion_mask"], self._tokenizer, args.segmentation, args.segment_window
         ).to(loss_mask.device)
+        online = {"online_stopped": inputs.get("online_stopped"), "online_bic_gain": inputs.get("online_bic_gain")}
+        if fractions_only:
+            margins = signals.margins
+            rule = supervision_weights("release", loss_mask, segment_ids=segment_ids, margins=margins, **online)
+            return *kept_fractions(rule.weights, loss_mask, segment_ids), None
         advantages = signals.advantages
         supervision = supervision_weights(
             args.supervision,
@@ -382,8 +442,8 @@ class TeachabilityGKDTrainer(DistillationTrainer):
             token_score=args.token_score,
             token_keep_ratio=args.token_keep_ratio,
             token_min_keep=args.token_min_keep,
-            online_stopped=inputs.get("online_stopped"),
-            online_bic_gain=inputs.get("online_bic_gain"),
+            release_fractions=inputs.get("random_release_fraction"),
+            **online,
         )
         weights = supervision.weights.to(advantages.dtype)
         if parent_loss:
@@ -428,6 +488,32 @@ class TeachabilityGKDTrainer(DistillationTrainer):
 
 def _release_rng_file(directory: str, process_index: int) -> str:
     return os.path.join(directory, f"release_rng_state_{process_index}.pth")
+
+
+def _release_rng_states(directory: str, process_index: int) -> dict | None:
+    if not os.path.isfile(path := _release_rng_file(directory, process_index)):
+        return None
+    states = torch.load(path)
+    return {"release": states} if isinstance(states, torch.Tensor) else states  # older checkpoints: one tensor
+
+
+def global_permutation(
+    accelerator, fractions: torch.Tensor, eligible: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """Permute per-row `fractions` `[B]` across the rows of all processes; returns this process's rows `[B]`.
+
+    The rows of every process (their counts may differ) are gathered in process order, permuted with
+    `permute_release_fractions` (`generator` must be in the same state on every process, so that all draw the same
+    permutation), and each process keeps the slice of its own rows.
+    """
+    local = torch.stack([fractions.double(), eligible.double()], -1).to(accelerator.device)
+    counts = accelerator.gather(torch.tensor([local.shape[0]], device=accelerator.device)).tolist()
+    gathered = accelerator.gather(accelerator.pad_across_processes(local, dim=0))
+    width = max(counts)
+    rows = torch.cat([gathered[i * width : i * width + n] for i, n in enumerate(counts)])
+    permuted = permute_release_fractions(rows[:, 0], rows[:, 1] > 0, generator)
+    start = sum(counts[: accelerator.process_index])
+    return permuted[start : start + local.shape[0]].to(fractions.device)
 
 
 def last_complete_checkpoint(output_dir: str) -> str | None:
