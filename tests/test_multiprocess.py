@@ -4,8 +4,10 @@
 into tmp_path (2 processes x 2 prompts) and run in-process as the reference (1 process x 4 prompts). Generation is
 replaced by fixed completions derived from the prompt token ids, and the optimizer is plain SGD with a constant
 learning rate and no clipping, so the update is proportional to the gradient of the global loss: the first step's
-loss, the updated weights and the logged supervision metrics must agree. The test is skipped (not failed) only when
-the processes cannot start or meet.
+loss, the updated weights and the logged supervision metrics must agree. With `random_release` the release fractions
+are permuted across the global batch: both processes gather the same four fractions, draw the same permutation as the
+single process, and apply it to their own rows. The test is skipped (not failed) only when the processes cannot start
+or meet.
 """
 
 import os
@@ -18,6 +20,7 @@ import torch
 from datasets import Dataset
 from helpers import make_model, make_tokenizer
 
+import trl_ltc.trainer
 from trl_ltc import TeachabilityGKDConfig, TeachabilityGKDTrainer
 
 TESTS = Path(__file__).resolve().parent
@@ -37,11 +40,11 @@ open(f"{sys.argv[1]}/ready{state.process_index}", "w").close()  # from here on, 
 
 from test_multiprocess import one_step
 
-one_step(sys.argv[1], per_device_batch=2)
+one_step(sys.argv[1], per_device_batch=2, supervision=sys.argv[2])
 """
 
 
-def one_step(out_dir: str, per_device_batch: int) -> dict:
+def one_step(out_dir: str, per_device_batch: int, supervision: str = "release") -> dict:
     """One optimizer step on tiny random models; returns (and saves to `out_dir/rank<i>.pt`) what this process saw."""
     tokenizer = make_tokenizer()
     vocab = len(tokenizer)
@@ -58,7 +61,8 @@ def one_step(out_dir: str, per_device_batch: int) -> dict:
         save_strategy="no",
         logging_steps=1,
         shuffle_dataset=False,
-        supervision="release",
+        supervision=supervision,
+        release_seed=5,
         segmentation="fixed",
         segment_window=2,
         optim="sgd",
@@ -78,7 +82,14 @@ def one_step(out_dir: str, per_device_batch: int) -> dict:
         return [[(7 * sum(ids) + 13 * i) % (vocab - 3) + 3 for i in range(3 + sum(ids) % 9)] for ids in prompt_ids]
 
     trainer._generate_single_turn = generate
-    batches, compute_loss = [], trainer.compute_loss
+    batches, permutations, compute_loss = [], [], trainer.compute_loss
+    permute = trl_ltc.trainer.permute_release_fractions
+
+    def recording_permute(fractions, eligible, generator):  # sees the gathered fractions of the global batch
+        permutations.append((fractions.clone(), eligible.clone(), permute(fractions, eligible, generator)))
+        return permutations[-1][-1]
+
+    trl_ltc.trainer.permute_release_fractions = recording_permute
 
     def recording_compute_loss(model, inputs, *args, **kwargs):
         loss = compute_loss(model, inputs, *args, **kwargs)
@@ -87,6 +98,7 @@ def one_step(out_dir: str, per_device_batch: int) -> dict:
         batches.append(
             {
                 "prompt_ids": inputs["prompt_ids"],
+                "fractions": inputs.get("random_release_fraction"),
                 "padded": not inputs["prompt_mask"].all(),
                 "kept": int(kept.sum()),
                 "tokens": int(mask.sum()),
@@ -95,9 +107,13 @@ def one_step(out_dir: str, per_device_batch: int) -> dict:
         return loss
 
     trainer.compute_loss = recording_compute_loss
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        trl_ltc.trainer.permute_release_fractions = permute
     result = {
         "batches": batches,
+        "permutations": permutations,
         "log": [entry for entry in trainer.state.log_history if "loss" in entry],
         "params": {name: p.detach().clone() for name, p in trainer.model.named_parameters()},
         "world_size": trainer.accelerator.num_processes,
@@ -106,7 +122,7 @@ def one_step(out_dir: str, per_device_batch: int) -> dict:
     return result
 
 
-def _launch_two_processes(tmp_path):
+def _launch_two_processes(tmp_path, supervision):
     script, out_dir = tmp_path / "launched.py", tmp_path / "two"
     script.write_text(LAUNCHED)
     out_dir.mkdir()
@@ -118,7 +134,7 @@ def _launch_two_processes(tmp_path):
         "TOKENIZERS_PARALLELISM": "false",
     }
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += [str(script), str(out_dir)]
+    command += [str(script), str(out_dir), supervision]
 
     def started():
         return all((out_dir / f"ready{rank}").exists() for rank in range(2))
@@ -137,10 +153,11 @@ def _launch_two_processes(tmp_path):
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
 
 
-def test_two_processes_match_one_process(tmp_path):
-    ranks = _launch_two_processes(tmp_path)
+@pytest.mark.parametrize("supervision", ["release", "random_release"])
+def test_two_processes_match_one_process(tmp_path, supervision):
+    ranks = _launch_two_processes(tmp_path, supervision)
     (tmp_path / "one").mkdir()
-    reference = one_step(str(tmp_path / "one"), per_device_batch=4)
+    reference = one_step(str(tmp_path / "one"), per_device_batch=4, supervision=supervision)
 
     # Preconditions: each process saw two of the four prompts, together the four of the single process, none padded
     # (padding would shift positions), and the kept fraction differs between the two processes' batches, so a
@@ -171,3 +188,22 @@ def test_two_processes_match_one_process(tmp_path):
             torch.testing.assert_close(rank["params"][name], value, atol=1e-6, rtol=1e-5, msg=name)
         moved |= not torch.allclose(value, initial[name], atol=1e-5)
     assert moved
+
+    if supervision == "random_release":
+        # One global permutation: both processes gathered the single process's four fractions (in process order) and
+        # drew its permutation, seeded by `release_seed` alone, which moves fractions between the two processes.
+        ((fractions, eligible, permuted),) = reference["permutations"]
+        for rank in ranks:
+            ((rank_fractions, rank_eligible, rank_permuted),) = rank["permutations"]
+            torch.testing.assert_close(rank_fractions, fractions)
+            assert torch.equal(rank_eligible, eligible) and torch.equal(rank_permuted, permuted)
+        assert eligible.all()
+        order = torch.randperm(4, generator=torch.Generator().manual_seed(5))
+        assert torch.equal(permuted, fractions[order])
+        assert sorted(permuted[:2].tolist()) != sorted(fractions[:2].tolist())  # across the processes
+        # Each process applied the permuted fractions of its own rows: those of the same rows in the single process
+        # (matched by prompt, unpadded here, as the processes pad their completions to different widths).
+        by_row = {tuple(p.tolist()): f for p, f in zip(single["prompt_ids"], single["fractions"].tolist())}
+        for batch in per_rank:
+            for prompt, fraction in zip(batch["prompt_ids"], batch["fractions"].tolist()):
+                assert by_row[tuple(prompt.tolist())] == fraction
