@@ -31,7 +31,8 @@ class TeachabilityGKDConfig(DistillationConfig):
     - `"fixed_prefix"`: the first `fixed_prefix_length` completion tokens, mass-preserving rescale.
     - `"release"` (default): per trajectory, the prefix before the downward change point of the per-sentence
       teacher margin over the student's top-`release_top_k` (formula 4-7 of the design).
-    - `"random_release"`: the release fractions of `"release"` permuted across the trajectories of the batch.
+    - `"random_release"`: the release fractions of `"release"` permuted across the trajectories of the generation
+      batch of an optimizer step (all its micro-batches and processes); one extra no-grad forward of both models.
     - `"adv_std_release"`: the same change point on the per-segment standard deviation of the advantage.
     - `"token_teachability"`: TA-OPD (arXiv 2605.26844), the top `token_keep_ratio` positions of the batch by
       `token_score`.
