@@ -49,11 +49,13 @@ __all__ = [
     "load_eval_problems",
     "load_for_evaluation",
     "main",
+    "release_prefix_mask",
     "reverse_kl",
     "student_rollouts",
+    "token_reverse_kl",
 ]
 
-ANSWER_TYPES = ("math", "choice")
+ANSWER_TYPES = ("math", "choice", "statement")
 METRICS_FILE = "eval_metrics.json"
 
 # Logits per projection chunk when `chunk_size` is not given (positions = this / vocabulary size).
@@ -74,20 +76,20 @@ def _eval_mode(*models):
 
 
 @torch.no_grad()
-def reverse_kl(
+def token_reverse_kl(
     student,
     teacher,
     rollouts: Rollouts,
     chunk_size: int | None = None,
     temperature: float = 1.0,
     batch_size: int | None = None,
-) -> float:
-    """Mean per-token reverse KL `KL(pS || pT)` in nats over the completion tokens of `rollouts`, exact over the
-    vocabulary.
+) -> torch.Tensor:
+    """Per-token reverse KL `KL(pS || pT)` in nats, exact over the vocabulary: `[B, C]` float64, aligned to
+    `rollouts.completion_ids`, 0 outside `rollouts.completion_mask`.
 
     Args:
         student, teacher: causal LMs (or PEFT models) sharing a vocabulary; they may sit on different devices.
-        rollouts: prompts and completions (`trl_ltc.generation.Rollouts`); every completion token counts once.
+        rollouts: prompts and completions (`trl_ltc.generation.Rollouts`).
         chunk_size: positions projected to the vocabulary at a time (default: about 16M logits per chunk).
         temperature: both distributions are taken at this temperature (logits / temperature).
         batch_size: rollouts run through the backbones at a time (default: all of them at once).
@@ -102,23 +104,79 @@ def reverse_kl(
     chunk_size = chunk_size or max(1, _LOGITS_PER_CHUNK // vocab)
     rows = rollouts.prompt_ids.shape[0]
     batch_size = batch_size or max(rows, 1)
-    total, count = torch.zeros((), dtype=torch.float64), 0
+    out = torch.zeros(rollouts.completion_ids.shape, dtype=torch.float64)
     with _eval_mode(student, teacher):
         for start in range(0, rows, batch_size):
             batch = Rollouts(*(x[start : start + batch_size] for x in rollouts))
             mask = batch.full_completion_mask[:, 1:].bool()  # position t predicts token t + 1
             hidden_s = _completion_hidden(student, batch, mask).to(head_s.weight.device)
             hidden_t = _completion_hidden(teacher, batch, mask).to(head_t.weight.device)
+            values = []
             for first in range(0, hidden_s.shape[0], chunk_size):
                 chunk = slice(first, first + chunk_size)
                 logp_s = torch.log_softmax(head_s.logits(hidden_s[chunk], temperature, torch.float32), dim=-1)
                 logp_t = torch.log_softmax(head_t.logits(hidden_t[chunk], temperature, torch.float32), dim=-1)
-                kl = (logp_s.exp() * (logp_s - logp_t.to(logp_s.device))).sum(dim=-1)
-                total += kl.sum(dtype=torch.float64).cpu()
-            count += hidden_s.shape[0]
-    if count == 0:
+                values.append((logp_s.exp() * (logp_s - logp_t.to(logp_s.device))).sum(dim=-1).double().cpu())
+            block = out[start : start + batch_size]
+            if values:
+                block[batch.completion_mask.bool()] = torch.cat(values)
+    return out
+
+
+def reverse_kl(
+    student,
+    teacher,
+    rollouts: Rollouts,
+    chunk_size: int | None = None,
+    temperature: float = 1.0,
+    batch_size: int | None = None,
+) -> float:
+    """Mean per-token reverse KL `KL(pS || pT)` in nats over the completion tokens of `rollouts`, exact over the
+    vocabulary (`token_reverse_kl`, every completion token counted once)."""
+    mask = rollouts.completion_mask.bool()
+    if not mask.any():
         raise ValueError("The rollouts have no completion tokens: there is nothing to measure the KL on.")
-    return float(total / count)
+    kl = token_reverse_kl(student, teacher, rollouts, chunk_size, temperature, batch_size)
+    return float(kl[mask].mean())
+
+
+@torch.no_grad()
+def release_prefix_mask(
+    student,
+    teacher,
+    tokenizer,
+    rollouts: Rollouts,
+    top_k: int = 10,
+    segmentation: str = "nltk",
+    segment_window: int = 64,
+    temperature: float = 1.0,
+    batch_size: int | None = None,
+) -> torch.Tensor:
+    """`[B, C]` bool: the completion tokens `supervision="release"` would keep on these rollouts (the prefix before
+    the accepted change point of the teacher margin, or the whole completion), computed with the trainer's functions
+    (`token_signals`, `segment_completions`, `supervision_weights`)."""
+    from .segmentation import segment_completions
+    from .signals import token_signals
+    from .supervision import supervision_weights
+
+    rows = rollouts.prompt_ids.shape[0]
+    batch_size = batch_size or max(rows, 1)
+    keep = torch.zeros(rollouts.completion_ids.shape, dtype=torch.bool)
+    device = student.get_input_embeddings().weight.device
+    with _eval_mode(student, teacher):
+        for start in range(0, rows, batch_size):
+            batch = Rollouts(*(x[start : start + batch_size] for x in rollouts))
+            full = (batch.input_ids, batch.attention_mask, batch.full_completion_mask)
+            signals = token_signals(student, teacher, *(x.to(device) for x in full), top_k, temperature)
+            margins = signals.margins[:, batch.prompt_ids.shape[1] :].cpu()
+            segments = segment_completions(
+                batch.completion_ids, batch.completion_mask, tokenizer, segmentation, segment_window
+            )
+            weights = supervision_weights(
+                "release", batch.completion_mask.float(), segment_ids=segments, margins=margins
+            ).weights
+            keep[start : start + batch_size] = weights > 0
+    return keep
 
 
 def _completion_hidden(model, rollouts: Rollouts, mask: torch.Tensor) -> torch.Tensor:
@@ -169,8 +227,10 @@ def student_rollouts(
     seed: int | None = 0,
     temperature: float = 1.0,
     progress: bool = True,
+    do_sample: bool = True,
 ) -> Rollouts:
-    """`sample_completions` in eval mode (no dropout), seeded, with the global random state restored afterwards."""
+    """`sample_completions` in eval mode (no dropout), seeded, with the global random state restored afterwards;
+    `do_sample=False` decodes greedily."""
     with torch.random.fork_rng(), _eval_mode(student):
         return sample_completions(
             student,
@@ -179,6 +239,7 @@ def student_rollouts(
             max_new_tokens,
             batch_size=batch_size,
             temperature=temperature,
+            do_sample=do_sample,
             seed=seed,
             progress=progress,
         )
@@ -210,6 +271,10 @@ def choice_letter(text: str) -> str | None:
     return None
 
 
+# `answer_type="statement"`: the rest of the line after the last "answer:".
+_STATEMENT = re.compile(r"answer:([^\n]*)")
+
+
 def _timeout() -> int | None:
     # math-verify bounds parsing and comparison with SIGALRM, which exists only in the main thread.
     return 5 if threading.current_thread() is threading.main_thread() else None
@@ -222,10 +287,15 @@ def answer_is_correct(completion: str, answer, answer_type: str = "math") -> boo
     "answer is ..." statement first, else the last number or expression) and checks it against `answer` (a number or
     a LaTeX expression, with or without `$`) mathematically: `12`, `12.0`, `$12$`, `1,200` = `1200`, `3/4` = `0.75`.
     `answer_type="choice"`: the option letter of `choice_letter(completion)` equals `answer` (a letter, any case).
+    `answer_type="statement"`: the text after the last `answer:` on its line equals `answer` exactly (after stripping
+    spaces); nothing else of the completion is parsed (the lab bench's task, `trl_ltc.lab`).
     """
     if answer_type == "choice":
         letter = choice_letter(completion)
         return letter is not None and letter.upper() == str(answer).strip().upper()
+    if answer_type == "statement":
+        found = _STATEMENT.findall(completion)
+        return bool(found) and found[-1].strip() == str(answer).strip()
     if answer_type != "math":
         raise ValueError(f"`answer_type` must be one of {', '.join(map(repr, ANSWER_TYPES))}; got {answer_type!r}.")
     from math_verify import parse, verify
@@ -261,6 +331,8 @@ def evaluate_model(
     chunk_size: int | None = None,
     progress: bool = True,
     rollouts: Rollouts | None = None,
+    do_sample: bool = True,
+    release: dict | None = None,
 ) -> dict:
     """Sample `num_samples` completions per problem from `model` (seeded) and measure them.
 
@@ -278,10 +350,14 @@ def evaluate_model(
         chunk_size: positions projected to the vocabulary at a time for the KL.
         progress: show a progress bar while sampling.
         rollouts: already sampled completions of the repeated prompts (skips the sampling), e.g. from vLLM.
+        do_sample: `False` decodes greedily (then `num_samples` must be 1).
+        release: `release_prefix_mask` settings (`top_k`, `segmentation`, `segment_window`): also measure the reverse
+            KL on the tokens `supervision="release"` would keep (`reverse_kl_prefix`) and their share
+            (`release_prefix_frac`). Needs `teacher`.
 
     Returns:
         A dict: `reverse_kl` (mean per-token KL(model || teacher) in nats over all sampled completion tokens, or
-        `None`), `accuracy` (in [0, 1], or `None`), `accuracy_stderr` (standard error over problems),
+        `None`), with `release`: `reverse_kl_prefix` and `release_prefix_frac`, `accuracy` (in [0, 1], or `None`), `accuracy_stderr` (standard error over problems),
         `completion_length` (mean tokens, EOS included), `truncated_frac` (completions without EOS),
         `num_problems`, `num_samples`, `seconds`, and `samples`: one `{"problem", "completion", "length", "correct"}`
         per completion, problem-major.
@@ -292,11 +368,13 @@ def evaluate_model(
         raise ValueError(f"{len(answers)} answers for {len(prompts)} prompts; give one answer per prompt.")
     if not prompts:
         raise ValueError("No problems to evaluate on.")
+    if not do_sample and num_samples != 1:
+        raise ValueError(f"Greedy decoding (`do_sample=False`) gives one completion per problem; got num_samples={num_samples}.")
     start = time.perf_counter()
     repeated = [prompt for prompt in prompts for _ in range(num_samples)]
     if rollouts is None:
         rollouts = student_rollouts(
-            model, tokenizer, repeated, max_new_tokens, batch_size, seed, temperature, progress
+            model, tokenizer, repeated, max_new_tokens, batch_size, seed, temperature, progress, do_sample
         )
     elif rollouts.completion_ids.shape[0] != len(repeated):
         raise ValueError(f"{rollouts.completion_ids.shape[0]} rollouts for {len(repeated)} (problem, sample) pairs.")
@@ -309,13 +387,19 @@ def evaluate_model(
     correct = None
     if answers is not None:
         correct = [answer_is_correct(text, answers[i // num_samples], answer_type) for i, text in enumerate(texts)]
-    kl = None
+    kl = kl_prefix = prefix_frac = None
     if teacher is not None and int(lengths.sum()) > 0:
-        kl = reverse_kl(
-            model, teacher, rollouts, chunk_size=chunk_size, temperature=temperature, batch_size=batch_size
-        )
+        token_kl = token_reverse_kl(model, teacher, rollouts, chunk_size, temperature, batch_size)
+        kl = float(token_kl[mask].mean())
+        if release is not None:
+            keep = release_prefix_mask(
+                model, teacher, tokenizer, rollouts, temperature=temperature, batch_size=batch_size, **release
+            ) & mask
+            kl_prefix = float(token_kl[keep].mean()) if keep.any() else None
+            prefix_frac = float(keep.sum() / mask.sum())
     metrics = {
         "reverse_kl": kl,
+        **({"reverse_kl_prefix": kl_prefix, "release_prefix_frac": prefix_frac} if release is not None else {}),
         "accuracy": None,
         "accuracy_stderr": None,
         "completion_length": float(lengths.float().mean()),

@@ -1,0 +1,239 @@
+"""The lab bench: a teacher/student pair trained from scratch on a synthetic multi-step task, offline, on a CPU.
+
+The task is a running sum modulo 10. A prompt names `n` digits by letters; the completion adds them one per line,
+each line restating the running sum, the next digit and their sum, then states the answer:
+
+    prompt:      a4 b7 c2 d9\\n
+    completion:  a:4\\n b:4+7=1\\n c:1+2=3\\n d:3+9=2\\n answer:2\\n<EOS>      (one line per step, shown on one row)
+
+Every step is checkable, every line is a segment (`segmentation="newline"`), and a chain of `n` digits gives `n + 1`
+segments and `8 n + 5` completion tokens (one token per character). In-domain chains have 14-20 digits (113-165
+tokens); the out-of-domain variant has 22-26 (longer chains than any seen in training).
+
+`prepare_lab_pair` builds, once into the trl-ltc cache, a character-level tokenizer and two Qwen2-style models
+trained from random weights with next-token cross-entropy on correct solutions: a teacher (4 layers, hidden 128)
+trained to high accuracy, and a weaker student (2 layers, hidden 64) stopped early. Nothing comes from the Hub and
+nothing in the data is made unteachable on purpose: wherever the teacher's feedback fades along a trajectory, it is
+because the student's own samples took it there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import string
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "LAB_TASK",
+    "LabPair",
+    "build_tokenizer",
+    "lab_dataset_path",
+    "make_problem",
+    "prepare_lab_pair",
+    "solution",
+]
+
+LAB_TASK = "running_sum_mod10"
+IN_DOMAIN = (14, 20)  # chain lengths (digits) of the training and held-out prompts
+OUT_OF_DOMAIN = (22, 26)
+LETTERS = string.ascii_lowercase
+SPLITS = {"train": (IN_DOMAIN, 0, 4096), "test": (IN_DOMAIN, 1, 512), "ood": (OUT_OF_DOMAIN, 2, 512)}
+
+
+def make_problem(rng: random.Random, length: int) -> dict:
+    """A random problem of `length` digits: `{"prompt": "a4 b7 ...\\n", "answer": "2", "digits": [...]}`."""
+    if not 2 <= length <= len(LETTERS):
+        raise ValueError(f"`length` must be in [2, {len(LETTERS)}]; got {length}.")
+    digits = [rng.randrange(10) for _ in range(length)]
+    prompt = " ".join(f"{LETTERS[i]}{d}" for i, d in enumerate(digits)) + "\n"
+    return {"prompt": prompt, "answer": str(sum(digits) % 10), "digits": digits}
+
+
+def solution(digits: list[int]) -> str:
+    """The correct completion text (without EOS): one line per step, then the answer line."""
+    total = digits[0]
+    lines = [f"a:{total}"]
+    for letter, digit in zip(LETTERS[1:], digits[1:]):
+        lines.append(f"{letter}:{total}+{digit}={(total + digit) % 10}")
+        total = (total + digit) % 10
+    lines.append(f"answer:{total}")
+    return "\n".join(lines) + "\n"
+
+
+def build_tokenizer():
+    """A character-level `PreTrainedTokenizerFast` for the task: one token per character, ChatML specials."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from .testing import CHAT_TEMPLATE, SPECIAL_TOKENS
+
+    alphabet = sorted(set(string.ascii_lowercase + string.digits + " :+=\n"))
+    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *alphabet])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL_TOKENS[0]))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    core.add_special_tokens(list(SPECIAL_TOKENS))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None, padding_side="left"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def problems(split: str, count: int | None = None) -> list[dict]:
+    """The fixed problems of a split (`train`, `test` or `ood`), seeded: the same on every machine."""
+    (low, high), seed, default = SPLITS[split]
+    rng = random.Random(f"{LAB_TASK}-{split}-{seed}")
+    return [make_problem(rng, rng.randint(low, high)) for _ in range(count or default)]
+
+
+def lab_dataset_path(split: str, cache_dir: str | os.PathLike | None = None) -> str:
+    """A JSON-lines file of the split's prompts and answers (`{"prompt", "answer"}`), written once into the cache."""
+    from .embedded import cache_root
+
+    if split not in SPLITS:
+        raise ValueError(f"`split` must be one of {', '.join(SPLITS)}; got {split!r}.")
+    path = cache_root(cache_dir) / "lab" / f"{LAB_TASK}_{split}.jsonl"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        with open(tmp, "w", encoding="utf-8") as file:
+            for problem in problems(split):
+                file.write(json.dumps({"prompt": problem["prompt"], "answer": problem["answer"]}) + "\n")
+        tmp.replace(path)
+    return str(path)
+
+
+@dataclass
+class LabModel:
+    """How one model of the pair is built and trained from scratch."""
+
+    hidden_size: int
+    num_layers: int
+    steps: int
+    seed: int
+    batch_size: int = 64
+    learning_rate: float = 3e-3
+
+
+@dataclass
+class LabPair:
+    teacher: LabModel
+    student: LabModel
+
+    @property
+    def key(self) -> str:
+        return f"{LAB_TASK}-t{self.teacher.num_layers}x{self.teacher.hidden_size}s{self.teacher.steps}" + (
+            f"-s{self.student.num_layers}x{self.student.hidden_size}s{self.student.steps}"
+        )
+
+
+DEFAULT_PAIR = LabPair(teacher=LabModel(128, 4, 1500, seed=0), student=LabModel(64, 2, 300, seed=1))
+
+
+def _model(tokenizer, spec: LabModel):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "qwen2",
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=4 * spec.hidden_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(spec.seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def _batch(tokenizer, rng: random.Random, size: int):
+    """Teacher-forcing batch of fresh in-domain problems: prompt tokens are not trained on."""
+    rows, labels = [], []
+    for _ in range(size):
+        p = make_problem(rng, rng.randint(*IN_DOMAIN))
+        prompt = tokenizer(p["prompt"], add_special_tokens=False)["input_ids"]
+        target = tokenizer(solution(p["digits"]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append(prompt + target)
+        labels.append([-100] * len(prompt) + target)
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    lab = torch.tensor([r + [-100] * (width - len(r)) for r in labels])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    return ids, mask, lab
+
+
+def train_from_scratch(model, tokenizer, spec: LabModel, progress: bool = True):
+    """Next-token cross-entropy on correct solutions of fresh problems, AdamW with warmup and cosine decay."""
+    from tqdm.auto import tqdm
+
+    rng = random.Random(f"{LAB_TASK}-pretrain-{spec.seed}")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=0.01)
+    warmup = max(1, spec.steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, spec.steps) / spec.steps)),
+    )
+    model.train()
+    bar = tqdm(range(spec.steps), desc=f"Training a {spec.num_layers}x{spec.hidden_size} model", disable=not progress)
+    for _ in bar:
+        ids, mask, labels = _batch(tokenizer, rng, spec.batch_size)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model.eval()
+
+
+def prepare_lab_pair(
+    cache_dir: str | os.PathLike | None = None,
+    pair: LabPair = DEFAULT_PAIR,
+    directory: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> tuple[str, str]:
+    """Build (once) and return `(teacher_dir, student_dir)` of the lab pair: model folders with the tokenizer.
+
+    They live in `<cache>/lab/<pair.key>/` (or under `directory`); each folder is published atomically, so a folder
+    that exists is complete and a second call returns at once. `teacher.json` and `student.json` next to them record
+    how each was built and how long its training took.
+    """
+    from .embedded import _publish, cache_root
+
+    root = Path(directory) if directory is not None else cache_root(cache_dir) / "lab" / pair.key
+    teacher_dir, student_dir = root / "teacher", root / "student"
+    root.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    for path, spec, name in ((teacher_dir, pair.teacher, "teacher"), (student_dir, pair.student, "student")):
+        if path.is_dir():
+            continue
+        logger.info("Training the lab %s from scratch (one time): %s", name, path)
+        start = time.perf_counter()
+        model = train_from_scratch(_model(tokenizer, spec), tokenizer, spec, progress)
+        seconds = time.perf_counter() - start
+
+        def save(out: str, model=model) -> None:
+            model.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+
+        _publish(save, path)
+        record = {"task": LAB_TASK, "seconds": round(seconds, 1), **asdict(spec)}
+        (root / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    return str(teacher_dir), str(student_dir)
