@@ -63,12 +63,12 @@ from pathlib import Path
 
 import yaml
 
-from . import embedded
+from . import embedded, lab
 from .config import SUPERVISIONS
 from .quickstart import format_duration, show_progress_logs
 
 CONFIG = "compare_quickstart.yaml"
-PRESETS = ("quickstart",)
+PRESETS = ("quickstart", "lab")
 BACKENDS = ("transformers", "vllm")
 TOP_LEVEL_KEYS = (
     "preset",
@@ -80,8 +80,14 @@ TOP_LEVEL_KEYS = (
     "evaluation",
     "output_dir",
     "keep_models",
+    "diagnostics",
 )
-EVALUATION_KEYS = ("max_new_tokens", "temperature", "batch_size", "seed", "backend", "vllm", "datasets")
+EVALUATION_KEYS = (
+    "max_new_tokens", "temperature", "batch_size", "seed", "backend", "vllm", "datasets", "release_prefix",
+)  # fmt: skip
+DIAGNOSTICS_KEYS = ("num_prompts", "batch_size", "seed")
+# A policy value resolved from the collapse diagnostics of the untrained student (`diagnostics:`).
+MEDIAN_RELEASE = "median_release"
 # Fields a policy may not set: they are what the harness itself varies or places.
 RUN_FIELDS = ("seed", "output_dir", "run_name")
 # Keys of the stored settings that do not change a run's result (where it lives).
@@ -115,6 +121,15 @@ SMOKE_DROP = ("vllm_max_model_length", "teacher_model_init_kwargs", "model_init_
 SMOKE_EVALUATION = {"max_new_tokens": 8, "batch_size": 4, "backend": "transformers"}
 SMOKE_EVAL_SET = {"num_problems": 4, "num_samples": 1, "split": "train", "config": None, "prompt_column": "prompt"}
 SMOKE_EVAL_SET |= {"answer_column": "answer", "prompt_as_chat": False, "answer_type": "math", "prompt_template": None}
+# `--smoke` with `preset: lab`: a tiny lab pair and the lab's own splits, long enough for a few lines per completion.
+SMOKE_LAB_DISTILL = {"max_completion_length": 24, "segmentation": "newline"}
+SMOKE_LAB_EVAL_SET = {"num_problems": 4, "num_samples": 2}
+SMOKE_DIAGNOSTICS = {"num_prompts": 4, "batch_size": 4}
+# `preset: lab` without `evaluation.datasets`: the in-domain held-out split and the longer-chain one.
+LAB_EVAL_SETS = [
+    {"name": "in_domain", "dataset": "lab:test", "num_problems": 256, "num_samples": 4, "greedy": True},
+    {"name": "ood", "dataset": "lab:ood", "num_problems": 256, "num_samples": 4, "greedy": True},
+]
 
 
 class CompareConfigError(ValueError):
@@ -149,6 +164,7 @@ class EvalSet:
     num_problems: int | None = None
     num_samples: int = 1
     prompt_template: str | None = None
+    greedy: bool = False  # also decode greedily once per problem: `accuracy_greedy`
 
 
 @dataclass
@@ -160,6 +176,17 @@ class Evaluation:
     seed: int = 0
     backend: str = "transformers"
     vllm: dict = field(default_factory=dict)
+    release_prefix: bool = False  # also the reverse KL on the release prefix of each sample: `reverse_kl_prefix`
+
+
+@dataclass
+class Diagnostics:
+    """Collapse diagnostics of the untrained student on the first `num_prompts` training prompts (`trl-ltc
+    diagnose` with the recipe's release settings), written to `<output_dir>/diagnose`."""
+
+    num_prompts: int = 128
+    batch_size: int = 32
+    seed: int = 0
 
 
 @dataclass
@@ -174,6 +201,8 @@ class Comparison:
     launcher: list[str] | None = None
     keep_models: bool = True
     source: str = ""
+    diagnostics: Diagnostics | None = None
+    resolved: dict = field(default_factory=dict)  # `median_release` once the diagnostics have run
 
     @property
     def student(self) -> str:
@@ -202,9 +231,20 @@ class Run:
     def directory(self) -> Path:
         return self.comparison.output_dir / "runs" / self.name
 
-    def distill_fields(self) -> dict:
-        """The full `trl-ltc distill` recipe of this run: base, then the policy, then seed and placement."""
+    def distill_fields(self, placeholder: int | None = None) -> dict:
+        """The full `trl-ltc distill` recipe of this run: base, then the policy, then seed and placement.
+
+        `median_release` values take the diagnostics' value (`placeholder` until the diagnostics have run)."""
         fields = {**self.comparison.distill, **self.policy.fields}
+        for key, value in fields.items():
+            if value == MEDIAN_RELEASE:
+                resolved = self.comparison.resolved.get(MEDIAN_RELEASE, placeholder)
+                if resolved is None:
+                    raise CompareConfigError(
+                        f"policy {self.policy.name!r}: `{key}: {MEDIAN_RELEASE}` is not resolved yet: the collapse "
+                        "diagnostics of the untrained student must run first."
+                    )
+                fields[key] = resolved
         fields["seed"] = self.seed
         if "release_seed" not in self.policy.fields:
             fields["release_seed"] = self.seed
@@ -313,7 +353,7 @@ def parse_seeds(value, where: str = "seeds") -> list[int]:
 
 def _eval_sets(raw, preset: str | None) -> list[EvalSet]:
     if raw is None:
-        raw = [{"name": "math"}] if preset else None
+        raw = LAB_EVAL_SETS if preset == "lab" else [{"name": "math"}] if preset else None
     if not isinstance(raw, list) or not raw:
         _fail(
             "evaluation.datasets", "must be a non-empty list of held-out sets ({name, dataset, answer_column, ...})."
@@ -331,6 +371,9 @@ def _eval_sets(raw, preset: str | None) -> list[EvalSet]:
             if preset != "quickstart":
                 _fail(where, "has no `dataset` (a local file, a directory or a `datasets` name).")
             entry["dataset"] = embedded.quickstart_dataset_path("test")
+        if str(entry["dataset"]).startswith("lab:"):  # a split of the lab task: statement answers, text prompts
+            entry["dataset"] = lab.lab_dataset_path(_lab_split(where, str(entry["dataset"])))
+            entry.setdefault("answer_type", "statement")
         entry.setdefault("name", Path(str(entry["dataset"])).stem)
         eval_set = EvalSet(**entry)
         _positive_int(f"{where}.num_problems", eval_set.num_problems, allow_none=True)
@@ -344,6 +387,27 @@ def _eval_sets(raw, preset: str | None) -> list[EvalSet]:
     if len(set(names)) != len(names):
         _fail("evaluation.datasets", f"names must differ; got {names}.")
     return sets
+
+
+def _lab_split(where: str, dataset: str) -> str:
+    split = dataset.removeprefix("lab:")
+    if split not in lab.SPLITS:
+        _fail(f"{where}.dataset", f"unknown lab split {split!r}; use one of {', '.join('lab:' + s for s in lab.SPLITS)}.")
+    return split
+
+
+def _diagnostics(raw, smoke: bool) -> Diagnostics | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        _fail("diagnostics", f"must be a mapping ({', '.join(DIAGNOSTICS_KEYS)}); got {raw!r}.")
+    unknown = set(raw) - set(DIAGNOSTICS_KEYS)
+    if unknown:
+        _fail("diagnostics", f"unknown keys {sorted(unknown)}; allowed: {', '.join(DIAGNOSTICS_KEYS)}.")
+    diagnostics = Diagnostics(**{**raw, **(SMOKE_DIAGNOSTICS if smoke else {})})
+    _positive_int("diagnostics.num_prompts", diagnostics.num_prompts)
+    _positive_int("diagnostics.batch_size", diagnostics.batch_size)
+    return diagnostics
 
 
 def _load_yaml(path: Path, what: str) -> dict:
@@ -389,10 +453,19 @@ def load_comparison(
     if raw.get("recipe") is not None:
         distill.update(_load_yaml(_find_recipe(str(raw["recipe"]), path), "Recipe"))
     out = Path(output_dir or raw.get("output_dir") or "runs/compare")
-    if smoke:
+    if smoke and preset == "lab":
+        teacher_dir, student_dir = lab.prepare_lab_pair(pair=lab.SMOKE_PAIR, directory=out / "smoke_models" / "lab")
+        distill.update(model_name_or_path=student_dir, teacher_model_name_or_path=teacher_dir)
+        distill["dataset_name"] = lab.lab_dataset_path("train")
+    elif smoke:
         teacher_dir, student_dir = embedded.prepare_tiny_pair(out / "smoke_models")
         distill.update(model_name_or_path=student_dir, teacher_model_name_or_path=teacher_dir)
         distill["dataset_name"] = embedded.quickstart_dataset_path("train")
+    elif preset == "lab":
+        print(f"Preparing the lab teacher and student in {embedded.cache_root()} ...", flush=True)
+        teacher_dir, student_dir = lab.prepare_lab_pair()
+        distill.update(model_name_or_path=student_dir, teacher_model_name_or_path=teacher_dir)
+        distill["dataset_name"] = lab.lab_dataset_path("train")
     elif preset == "quickstart":
         print(f"Preparing the quickstart teacher and student in {embedded.cache_root()} ...", flush=True)
         teacher_dir, student_dir = embedded.prepare_smollm2_pair()
@@ -407,6 +480,8 @@ def load_comparison(
     distill.update(overrides)
     if smoke:
         distill.update(SMOKE_DISTILL)
+        if preset == "lab":
+            distill.update(SMOKE_LAB_DISTILL)
         for key in SMOKE_DROP:
             distill.pop(key, None)
     for key, flag in (("model_name_or_path", "the student"), ("teacher_model_name_or_path", "the teacher")):
@@ -438,7 +513,10 @@ def load_comparison(
         _fail("evaluation", f"unknown keys {sorted(unknown)}; allowed: {', '.join(EVALUATION_KEYS)}.")
     sets = _eval_sets(evaluation_raw.get("datasets"), preset or ("quickstart" if smoke else None))
     evaluation_fields = {k: v for k, v in evaluation_raw.items() if k != "datasets"}
-    if smoke:
+    if smoke and preset == "lab":
+        sets = [EvalSet(**{**asdict(s), **SMOKE_LAB_EVAL_SET}) for s in sets]
+        evaluation_fields.update(SMOKE_EVALUATION, max_new_tokens=SMOKE_LAB_DISTILL["max_completion_length"])
+    elif smoke:
         sets = [
             EvalSet(**{**asdict(s), **SMOKE_EVAL_SET, "dataset": embedded.quickstart_dataset_path("test")})
             for s in sets
@@ -470,7 +548,16 @@ def load_comparison(
         launcher=launcher or None,
         keep_models=bool(raw.get("keep_models", True)),
         source=str(path),
+        diagnostics=_diagnostics(raw.get("diagnostics"), smoke),
     )
+    if comparison.diagnostics is None:
+        for policy in policy_list:
+            if MEDIAN_RELEASE in policy.fields.values():
+                _fail(
+                    f"policy {policy.name!r}",
+                    f"uses `{MEDIAN_RELEASE}`, which the collapse diagnostics of the untrained student resolve; add a "
+                    "`diagnostics:` section (e.g. `diagnostics: {num_prompts: 128}`).",
+                )
     _check_runs(comparison)
     return comparison
 
@@ -485,7 +572,7 @@ def _check_runs(comparison: Comparison) -> None:
         for policy in comparison.policies:
             run = Run(policy, comparison.seeds[0], comparison)
             recipe = Path(scratch) / f"{policy.name}.yaml"
-            recipe.write_text(yaml.safe_dump(run.distill_fields(), sort_keys=False))
+            recipe.write_text(yaml.safe_dump(run.distill_fields(placeholder=1), sort_keys=False))
             try:
                 build_parser().parse_args_and_config(["--config", str(recipe)])
             except (ValueError, TypeError) as error:
@@ -555,11 +642,18 @@ def train_run(run: Run, teacher=None) -> dict:
         gc.collect()
     metrics = mean_train_metrics(log_history)
     kept = metrics.get("release/kept_token_frac")
+    # Supervised tokens over the run, from every logged step (exact with `logging_steps: 1`).
+    trained = [
+        log["rollout/generated_tokens"] * log.get("release/kept_token_frac", 1.0)
+        for log in log_history
+        if "loss" in log and "rollout/generated_tokens" in log
+    ]
     return {
         "steps": steps,
         "train_seconds": round(train_seconds, 2),
         "seconds_per_step": train_seconds / steps if steps else None,
         "kept_token_frac": kept,
+        "tokens_trained": sum(trained) if trained else None,
         "train_metrics": metrics,
     }
 
@@ -604,28 +698,48 @@ class _Problems:
         return self._cache[eval_set.name]
 
 
+def release_settings(distill: dict) -> dict:
+    """The release rule's settings of a recipe (`release_prefix_mask` / `trl-ltc diagnose` arguments)."""
+    return {
+        "top_k": distill.get("release_top_k", 10),
+        "segmentation": distill.get("segmentation", "nltk"),
+        "segment_window": distill.get("segment_window", 64),
+    }
+
+
 def evaluate_target(model, teacher, tokenizer, comparison: Comparison, problems, model_dir: str | None = None) -> dict:
     """Metrics of one model on every evaluation set (`{set name: metrics}`), samples left out.
 
-    `teacher=None` skips the KL (the teacher's own row, 0 by definition, is filled in by the caller).
+    `teacher=None` skips the KL (the teacher's own row, 0 by definition, is filled in by the caller). A set with
+    `greedy: true` also gets `accuracy_greedy` (one greedy completion per problem); `evaluation.release_prefix` adds
+    `reverse_kl_prefix`, the KL on the tokens the release rule keeps of each sample.
     """
     from .evaluation import evaluate_model
 
     evaluation, results = comparison.evaluation, {}
+    release = release_settings(comparison.distill) if evaluation.release_prefix and teacher is not None else None
     for eval_set in evaluation.sets:
         prompts, answers = problems(eval_set)
         rollouts = None
         if evaluation.backend == "vllm":
             rollouts = _vllm_rollouts(model_dir, tokenizer, prompts, comparison, eval_set)
+        common = dict(
+            max_new_tokens=evaluation.max_new_tokens, batch_size=evaluation.batch_size,
+            temperature=evaluation.temperature, seed=evaluation.seed, answer_type=eval_set.answer_type,
+        )  # fmt: skip
         metrics = evaluate_model(
-            model, teacher, tokenizer, prompts, answers,
-            num_samples=eval_set.num_samples, max_new_tokens=evaluation.max_new_tokens,
-            batch_size=evaluation.batch_size, temperature=evaluation.temperature, seed=evaluation.seed,
-            answer_type=eval_set.answer_type, rollouts=rollouts,
+            model, teacher, tokenizer, prompts, answers, num_samples=eval_set.num_samples, rollouts=rollouts,
+            release=release, **common,
         )  # fmt: skip
         metrics.pop("samples")
+        if eval_set.greedy:
+            greedy = evaluate_model(model, None, tokenizer, prompts, answers, do_sample=False, **common)
+            metrics["accuracy_greedy"] = greedy["accuracy"]
         results[eval_set.name] = metrics
     return results
+
+
+SUMMARY_METRICS = ("reverse_kl", "reverse_kl_prefix", "accuracy", "accuracy_greedy", "completion_length", "truncated_frac")
 
 
 def summarize_sets(per_set: dict[str, dict]) -> dict:
@@ -635,7 +749,7 @@ def summarize_sets(per_set: dict[str, dict]) -> dict:
         values = [metrics.get(name) for metrics in per_set.values()]
         return None if any(v is None for v in values) or not values else statistics.fmean(values)
 
-    return {name: mean(name) for name in ("reverse_kl", "accuracy", "completion_length", "truncated_frac")}
+    return {name: mean(name) for name in SUMMARY_METRICS}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -658,6 +772,62 @@ class _Models:
         return self._teacher
 
 
+DIAGNOSE_DIR, COLLAPSE_FILE = "diagnose", "collapse.json"
+
+
+def collapse_diagnostics(comparison: Comparison, models: _Models) -> dict:
+    """`trl-ltc diagnose` of the untrained student on the first training prompts, with the recipe's release settings;
+    files in `<output_dir>/diagnose`, key numbers in its `collapse.json` (resumable), and `median_release`: the median
+    over trajectories of the release position in tokens (the whole completion where no drop is accepted), which the
+    `fixed_prefix_length: median_release` control takes."""
+    from .diagnostics import release_cut, summarize
+    from .evaluation import load_eval_problems, load_for_evaluation
+
+    d, diag = comparison.distill, comparison.diagnostics
+    out = comparison.output_dir / DIAGNOSE_DIR
+    settings = {
+        "student": comparison.student, "teacher": comparison.teacher, "dataset": d["dataset_name"],
+        "max_completion_length": d.get("max_completion_length", 256), "temperature": d.get("temperature", 1.0),
+        **asdict(diag), **release_settings(d),
+    }  # fmt: skip
+    stored = _read_json(out / COLLAPSE_FILE)
+    if stored is not None:
+        _check_settings({"diagnostics": stored["settings"]}, {"diagnostics": settings}, out / COLLAPSE_FILE)
+        return stored
+    print(f"Collapse diagnostics of the untrained student on {diag.num_prompts} training prompts ...", flush=True)
+    prompts, _ = load_eval_problems(
+        d["dataset_name"], d.get("dataset_train_split", "train"), d.get("dataset_config"),
+        d.get("dataset_prompt_column", "prompt"), None, d.get("dataset_prompt_as_chat", False), diag.num_prompts,
+    )  # fmt: skip
+    device, dtype = _model_dtype(comparison)
+    student, tokenizer = load_for_evaluation(comparison.student, dtype=dtype, device=device)
+    release = release_settings(d)
+    from .diagnostics import diagnose
+
+    diagnose(
+        student, models.teacher(), tokenizer, prompts, out, top_k=release["top_k"],
+        segmentation=release["segmentation"], segment_window=release["segment_window"],
+        max_completion_length=settings["max_completion_length"], batch_size=diag.batch_size,
+        temperature=settings["temperature"], seed=diag.seed,
+    )  # fmt: skip
+    del student
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines() if line.strip()]
+    summary = summarize(records)
+    collapse = {
+        "settings": settings,
+        MEDIAN_RELEASE: max(1, int(statistics.median_low(release_cut(r) for r in records))),
+        **{k: summary.get(k) for k in COLLAPSE_KEYS},
+    }
+    (out / COLLAPSE_FILE).write_text(json.dumps(collapse, indent=2) + "\n")
+    return collapse
+
+
+COLLAPSE_KEYS = (
+    "trajectories", "accepted_fraction", "accepted_frac_null", "margin_before_change", "margin_after_change",
+    "kept_fraction_mean", "num_segments_mean", "completion_length_mean",
+)  # fmt: skip
+
+
 def run_comparison(comparison: Comparison) -> dict:
     """Train and evaluate whatever is not done yet, then write results.csv, results.md and results.png.
 
@@ -666,10 +836,15 @@ def run_comparison(comparison: Comparison) -> dict:
     runs = comparison.runs()
     out = comparison.output_dir
     (out / "reference").mkdir(parents=True, exist_ok=True)
+    models = _Models(comparison, out / "reference" / RECIPE_FILE)
+    models.first_recipe.write_text(yaml.safe_dump(runs[0].distill_fields(placeholder=1), sort_keys=False))
+    collapse = None
+    if comparison.diagnostics is not None:
+        collapse = collapse_diagnostics(comparison, models)
+        comparison.resolved[MEDIAN_RELEASE] = collapse[MEDIAN_RELEASE]
     for run in runs:
         run.directory.mkdir(parents=True, exist_ok=True)
         (run.directory / RECIPE_FILE).write_text(yaml.safe_dump(run.distill_fields(), sort_keys=False))
-    models = _Models(comparison, runs[0].directory / RECIPE_FILE)
     problems = _Problems(comparison.evaluation.sets)
     start = time.perf_counter()
     eval_settings = _evaluation_settings(comparison.evaluation)
@@ -695,6 +870,8 @@ def run_comparison(comparison: Comparison) -> dict:
             )
             for metrics in per_set.values():
                 metrics["reverse_kl"] = 0.0  # KL(teacher || teacher)
+                if comparison.evaluation.release_prefix:
+                    metrics["reverse_kl_prefix"] = 0.0
         else:
             from .evaluation import load_for_evaluation
 
@@ -747,8 +924,8 @@ def run_comparison(comparison: Comparison) -> dict:
         eta = f"; about {format_duration(statistics.fmean(timed) * left)} left" if left else ""
         elapsed = format_duration(time.perf_counter() - start)
         print(f"{label}: {_headline(result)} ({format_duration(timed[-1])}; elapsed {elapsed}{eta})", flush=True)
-    files = write_results(results, references, comparison)
-    return {"runs": results, "references": references, "files": files}
+    files = write_results(results, references, comparison, collapse)
+    return {"runs": results, "references": references, "files": files, "collapse": collapse}
 
 
 def _tokenizer(path: str):
@@ -817,20 +994,30 @@ class Column:
 
 METRICS = (
     Column("reverse_kl", "held-out reverse KL", digits=4, better="min"),
+    Column("reverse_kl_prefix", "reverse KL on the release prefix", digits=4, better="min"),
     Column("accuracy", "accuracy (%)", scale=100.0, better="max"),
+    Column("accuracy_greedy", "greedy accuracy (%)", scale=100.0, better="max"),
     Column("completion_length", "completion length"),
     Column("kept_token_frac", "kept tokens (%)", scale=100.0, training=True),
+    Column("tokens_trained", "tokens trained (k)", scale=1e-3, training=True),
     Column("seconds_per_step", "s/step", training=True),
 )
 
 
-def table_columns(set_names: list[str]) -> list[Column]:
-    """The table's metric columns; with several evaluation sets, one accuracy column per set before the average."""
+def table_columns(results: list[dict], set_names: list[str]) -> list[Column]:
+    """The table's metric columns, those that some run has; with several evaluation sets, one accuracy column per
+    set (and one greedy accuracy column per set that has it) before the averages."""
     columns = []
     for column in METRICS:
-        if column.key == "accuracy" and len(set_names) > 1:
-            columns += [Column("accuracy", f"{n} (%)", 100.0, 1, "max", eval_set=n) for n in set_names]
-            column = Column("accuracy", "average accuracy (%)", 100.0, 1, "max")
+        if column.key in ("reverse_kl_prefix", "accuracy_greedy", "tokens_trained") and all(
+            column.value(r) is None for r in results
+        ):
+            continue
+        if column.key in ("accuracy", "accuracy_greedy") and len(set_names) > 1:
+            kind = "" if column.key == "accuracy" else " greedy"
+            per_set = [Column(column.key, f"{n}{kind} (%)", 100.0, 1, "max", eval_set=n) for n in set_names]
+            columns += [c for c in per_set if any(c.value(r) is not None for r in results)]
+            column = Column(column.key, f"average{kind} accuracy (%)", 100.0, 1, "max")
         columns.append(column)
     return columns
 
@@ -854,7 +1041,7 @@ def _cell(mean, std, scale: float, digits: int, signed: bool = False) -> str:
 def results_table(results: list[dict], references: dict, policies: list[str], set_names: list[str]) -> str:
     """The markdown table: reference rows, then one row per policy with mean ± std over its seeds; for the quality
     metrics (reverse KL: lowest, accuracy: highest) the best policy mean, as displayed, is bold."""
-    columns = table_columns(set_names)
+    columns = table_columns(results, set_names)
     header = ["policy", "seeds", *(column.title for column in columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in REFERENCES:
@@ -883,20 +1070,26 @@ def results_table(results: list[dict], references: dict, policies: list[str], se
     return "\n".join(lines)
 
 
-def paired_differences(results: list[dict], policies: list[str], baseline: str) -> str:
+def paired_differences(results: list[dict], policies: list[str], baseline: str, set_names: list[str] = ()) -> str:
     """Markdown table of each policy minus `baseline` on the same seed (mean ± std over seeds): the same seed means
-    the same prompts and order, so the seed-to-seed spread of the difference is the noise to judge it against."""
+    the same prompts and order, so the seed-to-seed spread of the difference is the noise to judge it against. Quality
+    columns only: reverse KL (and on the release prefix), accuracy (per set when there are several, greedy too)."""
     by = {(r["policy"], r["seed"]): r for r in results}
-    lines = [f"| policy − {baseline} | seeds | Δ held-out reverse KL | Δ accuracy (points) |", "|---|---|---|---|"]
+    columns = [
+        c for c in table_columns(results, list(set_names) or ["accuracy"])
+        if c.better and not (len(set_names) > 1 and c.eval_set is None and c.key.startswith("accuracy"))
+    ]  # fmt: skip
+    titles = [f"Δ {c.header.replace('(%)', '(points)')}" for c in columns]
+    lines = [f"| policy − {baseline} | seeds | " + " | ".join(titles) + " |", "|---|---|" + "---|" * len(columns)]
     for policy in policies:
         if policy == baseline:
             continue
         seeds = sorted(seed for (p, seed) in by if p == policy and (baseline, seed) in by)
         cells = []
-        for key, scale, digits in (("reverse_kl", 1.0, 4), ("accuracy", 100.0, 1)):
-            pairs = [(by[(policy, s)].get(key), by[(baseline, s)].get(key)) for s in seeds]
+        for column in columns:
+            pairs = [(column.value(by[(policy, s)]), column.value(by[(baseline, s)])) for s in seeds]
             mean, std, _ = aggregate([a - b for a, b in pairs if a is not None and b is not None])
-            cells.append(_cell(mean, std, scale, digits, signed=True))
+            cells.append(_cell(mean, std, column.scale, column.digits, signed=True))
         lines.append(f"| {policy} | {len(seeds)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -908,7 +1101,35 @@ def _baseline(policies: list[Policy]) -> str | None:
     return None
 
 
-def results_markdown(results: list[dict], references: dict, comparison: Comparison) -> str:
+def collapse_markdown(collapse: dict, comparison: Comparison) -> list[str]:
+    """The collapse diagnostics section of results.md: is there a downward change point to find at all?"""
+
+    def number(key, digits=3):
+        value = collapse.get(key)
+        return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+    release = release_settings(comparison.distill)
+    return [
+        "## Collapse diagnostics of the untrained student",
+        "",
+        f"`trl-ltc diagnose` on {collapse.get('trajectories')} of the student's own rollouts of training prompts "
+        f"(K={release['top_k']}, segmentation `{release['segmentation']}`): {number('num_segments_mean', 1)} segments "
+        f"and {number('completion_length_mean', 1)} tokens per completion on average.",
+        "",
+        "| accepted drop | accepted on shuffled segments (null) | margin before / after the change | "
+        "median release position (tokens) |",
+        "|---|---|---|---|",
+        f"| {number('accepted_fraction')} | {number('accepted_frac_null')} | {number('margin_before_change')} / "
+        f"{number('margin_after_change')} | {collapse[MEDIAN_RELEASE]} |",
+        "",
+        "Local teachability collapse is only shown where the accepted fraction clearly exceeds the null's (the same "
+        "BIC rule on the same segment scores shuffled within each trajectory) and the margin curve falls "
+        f"(`{DIAGNOSE_DIR}/margin_curve.png`, `{DIAGNOSE_DIR}/summary.md`). `fixed_prefix` at `median_release` keeps "
+        "that many tokens of every completion.",
+    ]
+
+
+def results_markdown(results: list[dict], references: dict, comparison: Comparison, collapse: dict | None = None) -> str:
     policies = [p.name for p in comparison.policies]
     set_names = [s.name for s in comparison.evaluation.sets]
     d, ev = comparison.distill, comparison.evaluation
@@ -932,8 +1153,11 @@ def results_markdown(results: list[dict], references: dict, comparison: Comparis
         "Mean ± sample standard deviation over seeds (one trained student per seed); **bold**: the best policy mean "
         "(lowest reverse KL, highest accuracy). Held-out reverse KL: mean per-token KL(student || teacher) in nats on "
         "the student's own samples of the held-out problems, exact over the vocabulary. Accuracy: pass@1 estimated "
-        "from the samples per problem, final answers checked with math-verify. Kept tokens: supervised completion "
-        "tokens / completion tokens during training. s/step: training wall time per optimizer step.",
+        "from the samples per problem at the evaluation temperature (greedy: one greedy completion per problem); "
+        "final answers checked with math-verify (`math`), as a choice letter (`choice`) or as the text of the last "
+        "`answer:` line (`statement`). Reverse KL on the release prefix: the same KL on the tokens "
+        "`supervision: release` keeps of each sample. Kept tokens: supervised completion tokens / completion tokens "
+        "during training; tokens trained: their sum over the run. s/step: training wall time per optimizer step.",
     ]
     if stderr:
         lines += [
@@ -947,20 +1171,25 @@ def results_markdown(results: list[dict], references: dict, comparison: Comparis
             "",
             f"## Paired differences against `{baseline}` (same seed, mean ± std over seeds)",
             "",
-            paired_differences(results, policies, baseline),
+            paired_differences(results, policies, baseline, set_names),
         ]
+    if collapse is not None:
+        lines += ["", *collapse_markdown(collapse, comparison)]
     return "\n".join(lines) + "\n"
 
 
 CSV_FIELDS = [
-    "kind", "policy", "seed", "supervision", "fields", "reverse_kl", "accuracy", "accuracy_stderr",
-    "completion_length", "truncated_frac", "kept_token_frac", "seconds_per_step", "steps", "train_seconds",
-    "eval_seconds",
+    "kind", "policy", "seed", "supervision", "fields", "reverse_kl", "reverse_kl_prefix", "accuracy",
+    "accuracy_greedy", "accuracy_stderr", "completion_length", "truncated_frac", "kept_token_frac", "tokens_trained",
+    "seconds_per_step", "steps", "train_seconds", "eval_seconds",
 ]  # fmt: skip
 
 
+PER_SET_FIELDS = ("reverse_kl", "reverse_kl_prefix", "accuracy", "accuracy_greedy", "completion_length")
+
+
 def write_csv(results: list[dict], references: dict, set_names: list[str], path: Path) -> Path:
-    per_set = [f"{n}/{k}" for n in set_names for k in ("reverse_kl", "accuracy", "completion_length")]
+    per_set = [f"{n}/{k}" for n in set_names for k in PER_SET_FIELDS]
     per_set = per_set if len(set_names) > 1 else []
     rows = []
     for name in REFERENCES:
@@ -971,6 +1200,7 @@ def write_csv(results: list[dict], references: dict, set_names: list[str], path:
             "kind": "run", "policy": r["policy"], "seed": r["seed"], "supervision": r["fields"].get("supervision"),
             "fields": json.dumps(r["fields"]), "steps": r.get("steps"), "train_seconds": r.get("train_seconds"),
             "eval_seconds": r.get("eval_seconds"), "kept_token_frac": r.get("kept_token_frac"),
+            "tokens_trained": r.get("tokens_trained"),
             "seconds_per_step": r.get("seconds_per_step"), **_flat(r, set_names),
         })  # fmt: skip
     with open(path, "w", newline="", encoding="utf-8") as file:
@@ -981,11 +1211,11 @@ def write_csv(results: list[dict], references: dict, set_names: list[str], path:
 
 
 def _flat(result: dict, set_names: list[str]) -> dict:
-    row = {k: result.get(k) for k in ("reverse_kl", "accuracy", "completion_length", "truncated_frac")}
+    row = {k: result.get(k) for k in SUMMARY_METRICS}
     stderr = [Column("accuracy_stderr", "", eval_set=n).value(result) for n in set_names]
     row["accuracy_stderr"] = stderr[0] if len(stderr) == 1 else None
     for n in set_names:
-        for k in ("reverse_kl", "accuracy", "completion_length"):
+        for k in PER_SET_FIELDS:
             row[f"{n}/{k}"] = Column(k, "", eval_set=n).value(result)
     return row
 
@@ -1028,11 +1258,13 @@ def plot_results(results: list[dict], references: dict, policies: list[str], pat
     return path
 
 
-def write_results(results: list[dict], references: dict, comparison: Comparison) -> dict[str, Path]:
+def write_results(
+    results: list[dict], references: dict, comparison: Comparison, collapse: dict | None = None
+) -> dict[str, Path]:
     out = comparison.output_dir
     policies = [p.name for p in comparison.policies]
     set_names = [s.name for s in comparison.evaluation.sets]
-    (out / "results.md").write_text(results_markdown(results, references, comparison))
+    (out / "results.md").write_text(results_markdown(results, references, comparison, collapse))
     return {
         "results.csv": write_csv(results, references, set_names, out / "results.csv"),
         "results.md": out / "results.md",

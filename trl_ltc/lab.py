@@ -48,6 +48,7 @@ IN_DOMAIN = (14, 20)  # chain lengths (digits) of the training and held-out prom
 OUT_OF_DOMAIN = (22, 26)
 LETTERS = string.ascii_lowercase
 SPLITS = {"train": (IN_DOMAIN, 0, 4096), "test": (IN_DOMAIN, 1, 512), "ood": (OUT_OF_DOMAIN, 2, 512)}
+VALID = (IN_DOMAIN, 3, 64)  # problems that decide when a model's pre-training stops (never evaluated on)
 
 
 def make_problem(rng: random.Random, length: int) -> dict:
@@ -91,8 +92,8 @@ def build_tokenizer():
 
 
 def problems(split: str, count: int | None = None) -> list[dict]:
-    """The fixed problems of a split (`train`, `test` or `ood`), seeded: the same on every machine."""
-    (low, high), seed, default = SPLITS[split]
+    """The fixed problems of a split (`train`, `test`, `ood` or `valid`), seeded: the same on every machine."""
+    (low, high), seed, default = VALID if split == "valid" else SPLITS[split]
     rng = random.Random(f"{LAB_TASK}-{split}-{seed}")
     return [make_problem(rng, rng.randint(low, high)) for _ in range(count or default)]
 
@@ -120,10 +121,14 @@ class LabModel:
 
     hidden_size: int
     num_layers: int
-    steps: int
+    steps: int  # at most this many steps of batch_size fresh problems
     seed: int
-    batch_size: int = 64
+    batch_size: int = 32
     learning_rate: float = 3e-3
+    # Stop as soon as the greedy accuracy on the `valid` problems reaches this (checked every `eval_every` steps):
+    # a student stopped part-way, at a measured skill, whatever the seed's learning curve.
+    target_accuracy: float | None = None
+    eval_every: int = 25
 
 
 @dataclass
@@ -133,12 +138,20 @@ class LabPair:
 
     @property
     def key(self) -> str:
-        return f"{LAB_TASK}-t{self.teacher.num_layers}x{self.teacher.hidden_size}s{self.teacher.steps}" + (
-            f"-s{self.student.num_layers}x{self.student.hidden_size}s{self.student.steps}"
-        )
+        """A folder name that changes with every setting of the pair."""
+
+        def name(m: LabModel) -> str:
+            target = "" if m.target_accuracy is None else f"a{m.target_accuracy:g}"
+            return f"{m.num_layers}x{m.hidden_size}-{m.steps}s{m.batch_size}b{m.learning_rate:g}lr{target}-{m.seed}"
+
+        return f"{LAB_TASK}-t{name(self.teacher)}-s{name(self.student)}"
 
 
-DEFAULT_PAIR = LabPair(teacher=LabModel(128, 4, 1500, seed=0), student=LabModel(64, 2, 300, seed=1))
+DEFAULT_PAIR = LabPair(
+    teacher=LabModel(128, 3, 800, seed=0), student=LabModel(128, 2, 1500, seed=1, target_accuracy=0.3)
+)
+# `trl-ltc compare --smoke`: the same pipeline in seconds (the models learn little).
+SMOKE_PAIR = LabPair(teacher=LabModel(32, 1, 4, seed=0, batch_size=8), student=LabModel(32, 1, 2, seed=1, batch_size=8))
 
 
 def _model(tokenizer, spec: LabModel):
@@ -178,8 +191,25 @@ def _batch(tokenizer, rng: random.Random, size: int):
     return ids, mask, lab
 
 
-def train_from_scratch(model, tokenizer, spec: LabModel, progress: bool = True):
-    """Next-token cross-entropy on correct solutions of fresh problems, AdamW with warmup and cosine decay."""
+def greedy_accuracy(model, tokenizer, items: list[dict], batch_size: int = 64) -> float:
+    """Share of `items` (`problems(...)`) whose greedy completion states the right answer."""
+    from .evaluation import answer_is_correct
+    from .generation import sample_completions
+
+    max_new_tokens = 8 * max(len(p["digits"]) for p in items) + 16
+    rollouts = sample_completions(
+        model, tokenizer, [p["prompt"] for p in items], max_new_tokens, batch_size, do_sample=False, progress=False
+    )
+    texts = tokenizer.batch_decode(
+        [ids[mask.bool()] for ids, mask in zip(rollouts.completion_ids, rollouts.completion_mask)],
+        skip_special_tokens=True,
+    )
+    return sum(answer_is_correct(t, p["answer"], "statement") for t, p in zip(texts, items)) / len(items)
+
+
+def train_from_scratch(model, tokenizer, spec: LabModel, progress: bool = True) -> tuple:
+    """Next-token cross-entropy on correct solutions of fresh problems, AdamW with warmup and cosine decay; stops
+    early at `spec.target_accuracy`. Returns `(model, steps trained, greedy accuracy on the valid problems)`."""
     from tqdm.auto import tqdm
 
     rng = random.Random(f"{LAB_TASK}-pretrain-{spec.seed}")
@@ -189,9 +219,10 @@ def train_from_scratch(model, tokenizer, spec: LabModel, progress: bool = True):
         optimizer,
         lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, spec.steps) / spec.steps)),
     )
-    model.train()
+    valid, accuracy, step = problems("valid"), None, 0
     bar = tqdm(range(spec.steps), desc=f"Training a {spec.num_layers}x{spec.hidden_size} model", disable=not progress)
-    for _ in bar:
+    for step in range(1, spec.steps + 1):
+        model.train()
         ids, mask, labels = _batch(tokenizer, rng, spec.batch_size)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
@@ -199,8 +230,15 @@ def train_from_scratch(model, tokenizer, spec: LabModel, progress: bool = True):
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    return model.eval()
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.3f}", accuracy=accuracy)
+        if spec.target_accuracy is not None and step % spec.eval_every == 0:
+            accuracy = greedy_accuracy(model.eval(), tokenizer, valid)
+            if accuracy >= spec.target_accuracy:
+                break
+    bar.close()
+    model.eval()
+    return model, step, greedy_accuracy(model, tokenizer, valid)
 
 
 def prepare_lab_pair(
@@ -226,14 +264,16 @@ def prepare_lab_pair(
             continue
         logger.info("Training the lab %s from scratch (one time): %s", name, path)
         start = time.perf_counter()
-        model = train_from_scratch(_model(tokenizer, spec), tokenizer, spec, progress)
+        model, steps, accuracy = train_from_scratch(_model(tokenizer, spec), tokenizer, spec, progress)
         seconds = time.perf_counter() - start
+        logger.info("Lab %s: %d steps, greedy accuracy %.2f on the valid problems", name, steps, accuracy)
 
         def save(out: str, model=model) -> None:
             model.save_pretrained(out)
             tokenizer.save_pretrained(out)
 
         _publish(save, path)
-        record = {"task": LAB_TASK, "seconds": round(seconds, 1), **asdict(spec)}
+        record = {"task": LAB_TASK, "seconds": round(seconds, 1), "steps_trained": steps, "valid_accuracy": accuracy}
+        record |= asdict(spec)
         (root / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     return str(teacher_dir), str(student_dir)
