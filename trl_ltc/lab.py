@@ -7,12 +7,14 @@ each line restating the running sum, the next digit and their sum, then states t
     completion:  a:4\\n b:4+7=1\\n c:1+2=3\\n d:3+9=2\\n answer:2\\n<EOS>      (one line per step, shown on one row)
 
 Every step is checkable, every line is a segment (`segmentation="newline"`), and a chain of `n` digits gives `n + 1`
-segments and `8 n + 5` completion tokens (one token per character). In-domain chains have 14-20 digits (113-165
+segments and `8 n + 5` completion tokens (one token per character) before the EOS. In-domain chains have 14-20 digits (117-165
 tokens); the out-of-domain variant has 22-26 (longer chains than any seen in training).
 
 `prepare_lab_pair` builds, once into the trl-ltc cache, a character-level tokenizer and two Qwen2-style models
-trained from random weights with next-token cross-entropy on correct solutions: a teacher (4 layers, hidden 128)
-trained to high accuracy, and a weaker student (2 layers, hidden 64) stopped early. Nothing comes from the Hub and
+trained from random weights with next-token cross-entropy on correct solutions: a teacher (3 layers, hidden 128, 800
+steps) trained to high accuracy, and a smaller student (2 layers, hidden 128) stopped as soon as its greedy accuracy
+on held-aside problems reaches 30%, part-way up its learning curve: it has the format and most of the skill, and makes
+enough mistakes per trajectory for the teacher to correct. Nothing comes from the Hub and
 nothing in the data is made unteachable on purpose: wherever the teacher's feedback fades along a trajectory, it is
 because the student's own samples took it there.
 """
@@ -72,16 +74,22 @@ def solution(digits: list[int]) -> str:
 
 
 def build_tokenizer():
-    """A character-level `PreTrainedTokenizerFast` for the task: one token per character, ChatML specials."""
+    """The task's `PreTrainedTokenizerFast`: one token per character, except that a letter directly followed by a
+    digit (`c2`, the prompt's named digits) is one token, and ChatML specials.
+
+    With named digits as single tokens, finding the digit of line `c` is one attention hop from the letter to the
+    token that carries it; character by character it needs an induction circuit, which small models learn late and
+    at a seed-dependent step."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     from .testing import CHAT_TEMPLATE, SPECIAL_TOKENS
 
     alphabet = sorted(set(string.ascii_lowercase + string.digits + " :+=\n"))
-    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *alphabet])}
+    named = [letter + digit for letter in LETTERS for digit in string.digits]
+    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *alphabet, *named])}
     core = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL_TOKENS[0]))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[a-z][0-9]|[\s\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()
     core.add_special_tokens(list(SPECIAL_TOKENS))
     tokenizer = PreTrainedTokenizerFast(
@@ -124,7 +132,7 @@ class LabModel:
     steps: int  # at most this many steps of batch_size fresh problems
     seed: int
     batch_size: int = 32
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-3  # 3e-3 leaves small models on the copy-only plateau (loss ~0.5) for 800+ steps
     # Stop as soon as the greedy accuracy on the `valid` problems reaches this (checked every `eval_every` steps):
     # a student stopped part-way, at a measured skill, whatever the seed's learning curve.
     target_accuracy: float | None = None
@@ -148,7 +156,7 @@ class LabPair:
 
 
 DEFAULT_PAIR = LabPair(
-    teacher=LabModel(128, 3, 800, seed=0), student=LabModel(128, 2, 1500, seed=1, target_accuracy=0.3)
+    teacher=LabModel(128, 3, 800, seed=0), student=LabModel(128, 2, 800, seed=1, target_accuracy=0.3)
 )
 # `trl-ltc compare --smoke`: the same pipeline in seconds (the models learn little).
 SMOKE_PAIR = LabPair(teacher=LabModel(32, 1, 4, seed=0, batch_size=8), student=LabModel(32, 1, 2, seed=1, batch_size=8))
