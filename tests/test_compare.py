@@ -398,3 +398,65 @@ def test_launcher_trains_each_run_in_a_subprocess(tmp_path):
     run_dir = tmp_path / "out" / "runs" / "release__seed3"
     assert (run_dir / "trainer_state.json").is_file() and (run_dir / "adapter_config.json").is_file()
     assert not list(run_dir.glob("*.safetensors"))  # keep_models: false drops the weights once evaluated
+
+
+# --- The lab bench preset -------------------------------------------------------------------------------------------
+
+LAB = ROOT / "configs" / "compare_lab.yaml"
+
+
+def test_lab_config_is_the_papers_protocol(monkeypatch):
+    monkeypatch.setattr(compare.lab, "prepare_lab_pair", lambda **kwargs: ("teacher", "student"))
+    comparison = load_comparison(LAB, output_dir="/nonexistent/never-written")
+    assert comparison.distill["loss_type"] == "advantage" and comparison.distill["segmentation"] == "newline"
+    assert comparison.distill["dataset_name"].endswith("running_sum_mod10_train.jsonl")
+    assert [p.name for p in comparison.policies] == [
+        "full", "release", "random_release", "fixed_prefix-median_release", "token_teachability",
+    ]  # fmt: skip
+    assert len(comparison.seeds) >= 3 and comparison.diagnostics.num_prompts >= 128
+    sets = comparison.evaluation.sets
+    assert [s.name for s in sets] == ["in_domain", "ood"] and comparison.evaluation.release_prefix
+    assert all(s.answer_type == "statement" and s.greedy and s.num_samples == 4 for s in sets)
+    assert all(s.num_problems >= 256 for s in sets) and sets[1].dataset.endswith("running_sum_mod10_ood.jsonl")
+    assert (ROOT / "trl_ltc" / "resources" / LAB.name).read_bytes() == LAB.read_bytes()
+    assert (ROOT / "trl_ltc" / "resources" / "lab.yaml").read_bytes() == (ROOT / "configs" / "lab.yaml").read_bytes()
+
+
+def test_median_release_needs_the_diagnostics(tmp_path, monkeypatch):
+    monkeypatch.setattr(compare.lab, "prepare_lab_pair", lambda **kwargs: ("teacher", "student"))
+    raw = yaml.safe_load(LAB.read_text())
+    raw.pop("diagnostics")
+    raw["recipe"] = str(ROOT / "configs" / "lab.yaml")
+    config = tmp_path / "lab.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    with pytest.raises(CompareConfigError, match="fixed_prefix-median_release.*add a `diagnostics:` section"):
+        load_comparison(config, output_dir=tmp_path / "out")
+    raw["evaluation"]["datasets"] = [{"name": "x", "dataset": "lab:dev"}]
+    raw["diagnostics"] = {"num_prompts": 4}
+    config.write_text(yaml.safe_dump(raw))
+    with pytest.raises(CompareConfigError, match=r"datasets\[0\]\.dataset: unknown lab split 'dev'"):
+        load_comparison(config, output_dir=tmp_path / "out")
+
+
+def test_lab_smoke_end_to_end(tmp_path):
+    out = tmp_path / "lab"
+    argv = ["compare", "--config", str(LAB), "--smoke", "--seeds", "0", "--output_dir", str(out)]
+    assert cli.main([*argv, "--policies", "full,release,fixed_prefix-median_release"]) == 0
+    collapse = json.loads((out / "diagnose" / "collapse.json").read_text())
+    records = [json.loads(line) for line in (out / "diagnose" / "records.jsonl").read_text().splitlines()]
+    from trl_ltc.diagnostics import release_cut
+
+    cuts = sorted(release_cut(r) for r in records)
+    assert len(records) == 4 and collapse["median_release"] == max(1, cuts[(len(cuts) - 1) // 2])
+    recipe = yaml.safe_load((out / "runs" / "fixed_prefix-median_release__seed0" / "distill.yaml").read_text())
+    assert recipe["fixed_prefix_length"] == collapse["median_release"] and recipe["segmentation"] == "newline"
+    rows = {r["policy"]: r for r in _rows(out)}
+    for name in ("full", "release", "fixed_prefix-median_release"):
+        row = rows[name]
+        assert 0 <= float(row["in_domain/accuracy_greedy"]) <= 1 and 0 <= float(row["ood/accuracy"]) <= 1
+        assert float(row["reverse_kl_prefix"]) > 0 and float(row["tokens_trained"]) > 0
+    # full trains on every generated token; the fixed prefix on at most its length per completion (2 prompts)
+    assert float(rows["fixed_prefix-median_release"]["tokens_trained"]) <= 2 * collapse["median_release"]
+    assert float(rows["full"]["kept_token_frac"]) == 1.0
+    markdown = (out / "results.md").read_text()
+    assert "## Collapse diagnostics of the untrained student" in markdown and "in_domain greedy (%)" in markdown
