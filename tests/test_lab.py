@@ -74,6 +74,8 @@ def test_pair_build_is_published_once_and_records_how(tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(student)
     assert model.config.num_hidden_layers == 1 and len(AutoTokenizer.from_pretrained(teacher)) == model.config.vocab_size
+    text = "a4 b7\na:4\nb:4+7=1\nanswer:1\n"  # the saved tokenizer loads back as built (spaces and newlines kept)
+    assert AutoTokenizer.from_pretrained(student)(text)["input_ids"] == lab.build_tokenizer()(text)["input_ids"]
     stamp = (tmp_path / "teacher" / "config.json").stat().st_mtime_ns
     assert lab.prepare_lab_pair(pair=pair, directory=tmp_path, progress=False) == (teacher, student)
     assert (tmp_path / "teacher" / "config.json").stat().st_mtime_ns == stamp  # not rebuilt

@@ -10,8 +10,8 @@ Every step is checkable, every line is a segment (`segmentation="newline"`), and
 segments and `8 n + 5` completion tokens (one token per character) before the EOS. In-domain chains have 14-20 digits (117-165
 tokens); the out-of-domain variant has 22-26 (longer chains than any seen in training).
 
-`prepare_lab_pair` builds, once into the trl-ltc cache, a character-level tokenizer and two Qwen2-style models
-trained from random weights with next-token cross-entropy on correct solutions: a teacher (3 layers, hidden 128, 800
+`prepare_lab_pair` builds, once into the trl-ltc cache, a character-level tokenizer and two Llama-style models
+trained from random weights with next-token cross-entropy on correct solutions: a teacher (3 layers, hidden 128, 1500
 steps) trained to high accuracy, and a smaller student (2 layers, hidden 128) stopped as soon as its greedy accuracy
 on held-aside problems reaches 30%, part-way up its learning curve: it has the format and most of the skill, and makes
 enough mistakes per trajectory for the teacher to correct. Nothing comes from the Hub and
@@ -156,27 +156,34 @@ class LabPair:
 
 
 DEFAULT_PAIR = LabPair(
-    teacher=LabModel(128, 3, 800, seed=0), student=LabModel(128, 2, 800, seed=1, target_accuracy=0.3)
+    teacher=LabModel(128, 3, 1500, seed=0), student=LabModel(128, 2, 800, seed=1, target_accuracy=0.3)
 )
 # `trl-ltc compare --smoke`: the same pipeline in seconds (the models learn little).
 SMOKE_PAIR = LabPair(teacher=LabModel(32, 1, 4, seed=0, batch_size=8), student=LabModel(32, 1, 2, seed=1, batch_size=8))
 
 
 def _model(tokenizer, spec: LabModel):
+    """A Llama-style decoder (Granite with every multiplier neutral, attention scaled by `1/sqrt(head_dim)`).
+
+    Granite, not Qwen2 or Llama: for those model types `AutoTokenizer` rebuilds the tokenizer with its own
+    pre-tokenizer and would drop the task's spaces and newlines; for Granite it loads the saved one as it is."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    heads = 4
     config = AutoConfig.for_model(
-        "qwen2",
+        "granite",
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden_size,
         intermediate_size=4 * spec.hidden_size,
         num_hidden_layers=spec.num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        attention_multiplier=(spec.hidden_size // heads) ** -0.5,
         max_position_embeddings=512,
         tie_word_embeddings=False,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
     )
     torch.manual_seed(spec.seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
