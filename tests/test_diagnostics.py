@@ -18,6 +18,7 @@ from trl_ltc import cli, diagnostics
 from trl_ltc.diagnostics import (
     ReleaseDiagnosticsCallback,
     margin_curve,
+    null_acceptance,
     plot_teachability,
     release_cut,
     release_fraction,
@@ -28,7 +29,14 @@ from trl_ltc.diagnostics import (
     write_summary,
 )
 from trl_ltc.generation import tokenize_prompts
-from trl_ltc.release import bic_change_point, release_weights, segment_scores, teacher_margin
+from trl_ltc.release import (
+    NULL_SEED_OFFSET,
+    bic_change_point,
+    null_change_point,
+    release_weights,
+    segment_scores,
+    teacher_margin,
+)
 from trl_ltc.segmentation import segment_completions
 from trl_ltc.supervision import supervision_weights
 from trl_ltc.teachability import TeachabilityFeatures, score_tokens, teachability_features, token_budget_weights
@@ -259,6 +267,51 @@ def test_records_carry_the_online_release_replay(run):
     summary = (run.out / "summary.md").read_text()
     assert "## Online release replay (formula 9)" in summary
     assert "online_min_segments=3, online_patience=2, online_check_tokens=16." in summary
+
+
+def test_records_and_summary_carry_the_shuffled_null(run):
+    nulls = [r["accepted_null"] for r in run.records]
+    assert all(isinstance(value, bool) for value in nulls)
+    # seeded with the run's seed (0): the records' own scores give the same answers again
+    assert null_acceptance(run.records, seed=0) == nulls
+    width = max(r["num_segments"] for r in run.records)
+    scores = torch.tensor([r["segment_scores"] + [0.0] * (width - r["num_segments"]) for r in run.records])
+    num_segments = torch.tensor([r["num_segments"] for r in run.records])
+    generator = torch.Generator().manual_seed(NULL_SEED_OFFSET)
+    assert null_change_point(scores.double(), num_segments, generator).accepted.tolist() == nulls
+
+    numbers = summarize(run.records)
+    assert numbers["accepted_frac_null"] == pytest.approx(np.mean(nulls))
+    summary = (run.out / "summary.md").read_text()
+    row = "| Accepted fraction under the null (segment scores shuffled per trajectory) |"
+    assert f"{row} {np.mean(nulls):.3f} |" in summary
+    assert f"Accepted fraction {numbers['accepted_fraction']:.3f} vs {np.mean(nulls):.3f} under the null" in summary
+
+
+def test_null_acceptance_is_seeded_and_rarely_accepts_a_shuffled_drop(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    records = []
+    for n in (0, 1, 2, 20):  # 50 records each; a clear drop half way through, small noise
+        drop = torch.tensor([1.0] * (n // 2) + [0.0] * (n - n // 2))
+        records += [
+            {"num_segments": n, "segment_scores": (drop + 0.05 * torch.randn(n, generator=g)).tolist()}
+            for _ in range(50)
+        ]
+    first = null_acceptance(records, seed=3)
+    assert first == null_acceptance(records, seed=3) and first != null_acceptance(records, seed=4)
+    assert not any(first[:100])  # fewer than two segments: never accepted
+    assert np.mean(first[150:]) < 0.3  # the drop of 20 segments, shuffled, is rarely taken for one
+    assert null_acceptance([], seed=3) == []
+
+    # summarize and summary.md report the null only for records that carry it
+    sharp, flat, empty = _hand_records()
+    assert "accepted_frac_null" not in summarize([sharp, flat, empty])
+    assert "under the null" not in write_summary([sharp, flat, empty], tmp_path / "plain.md").read_text()
+    for record, value in zip((sharp, flat, empty), (False, True, False)):
+        record["accepted_null"] = value
+    assert summarize([sharp, flat, empty])["accepted_frac_null"] == pytest.approx(1 / 3)
+    summary = write_summary([sharp, flat, empty], tmp_path / "summary.md").read_text()
+    assert "Accepted fraction 0.333 vs 0.333 under the null" in summary
 
 
 def test_cases_page_renders_in_chromium(run, tmp_path):

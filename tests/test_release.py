@@ -16,8 +16,10 @@ from trl_ltc.release import (
     ChangePoint,
     bic_change_point,
     mass_preserving_weights,
+    null_change_point,
     release_weights,
     segment_scores,
+    shuffle_segments,
     support_margin,
     teacher_margin,
 )
@@ -480,3 +482,61 @@ def test_property_change_point_and_weights(data):
     assert ((cp.release_segment >= 1) | ~cp.accepted).all() and (cp.release_segment <= num_segments).all()
     assert (cp.accepted == (cp.release_segment < num_segments)).all() and (cp.accepted == (cp.bic_gain > 0)).all()
     check_weights(ids, loss_mask, cp, release_weights(ids, loss_mask, cp))
+
+
+# ------------------------------------------------------------------------------- shuffled null of the change point
+
+
+def test_shuffle_segments_permutes_each_row_and_leaves_padding():
+    num_segments = torch.tensor([6, 0, 1, 3, 6])
+    scores = torch.arange(30, dtype=torch.float64).reshape(5, 6) + 100 * (torch.arange(6) >= num_segments[:, None])
+    shuffled = shuffle_segments(scores, num_segments, torch.Generator().manual_seed(0))
+    assert shuffled.shape == scores.shape and shuffled.dtype == scores.dtype
+    for row, n in enumerate(num_segments.tolist()):
+        assert sorted(shuffled[row, :n].tolist()) == scores[row, :n].tolist()  # the same multiset of valid scores
+        assert torch.equal(shuffled[row, n:], scores[row, n:])  # padding untouched
+    assert not torch.equal(shuffled[[0, 4]], scores[[0, 4]])  # full rows were reordered
+
+    # every order of three scores is drawn, about equally often
+    rows = torch.tensor([[0.0, 1.0, 2.0]]).repeat(6000, 1)
+    orders = shuffle_segments(rows, torch.full((6000,), 3), torch.Generator().manual_seed(1))
+    counts = torch.unique(orders, dim=0, return_counts=True)[1]
+    assert counts.numel() == 6 and (counts - 1000).abs().max() < 120
+
+    with pytest.raises(ValueError, match=r"\[B, S\]"):
+        shuffle_segments(torch.zeros(4), torch.zeros(4, dtype=torch.long), torch.Generator())
+    for shape in ((3, 0), (0, 5)):
+        empty = shuffle_segments(torch.zeros(shape), torch.zeros(shape[0], dtype=torch.long), torch.Generator())
+        assert empty.shape == shape
+
+
+def test_shuffle_segments_and_null_change_point_are_seeded():
+    scores = torch.randn(50, 8, generator=torch.Generator().manual_seed(0))
+    num_segments = torch.randint(0, 9, (50,), generator=torch.Generator().manual_seed(1))
+    first = shuffle_segments(scores, num_segments, torch.Generator().manual_seed(3))
+    assert torch.equal(first, shuffle_segments(scores, num_segments, torch.Generator().manual_seed(3)))
+    assert not torch.equal(first, shuffle_segments(scores, num_segments, torch.Generator().manual_seed(4)))
+    null = null_change_point(scores, num_segments, torch.Generator().manual_seed(3))
+    want = bic_change_point(first, num_segments)
+    for got, expected in zip(null, want):
+        assert torch.equal(got, expected)
+
+
+def test_null_rarely_accepts_a_clear_drop():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.cat([torch.ones(200, 10), torch.zeros(200, 10)], 1) + 0.05 * torch.randn(200, 20, generator=g)
+    num_segments = torch.full((200,), 20)
+    real = bic_change_point(scores, num_segments)
+    assert real.accepted.all() and (real.release_segment == 10).all()
+    null = null_change_point(scores, num_segments, torch.Generator().manual_seed(1))
+    assert null.accepted.double().mean().item() < 0.3
+
+
+@pytest.mark.parametrize("n", [3, 10])
+def test_null_rate_matches_the_real_rate_on_iid_scores(n):
+    scores = torch.randn(2000, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    num_segments = torch.full((2000,), n)
+    real = bic_change_point(scores, num_segments).accepted.double().mean().item()
+    null = null_change_point(scores, num_segments, torch.Generator().manual_seed(0)).accepted.double().mean().item()
+    assert abs(real - null) < 0.04
+    assert 0.05 < real < 0.5  # the rule itself accepts often without any drop

@@ -468,7 +468,10 @@ def test_killed_run_resumes_with_the_losses_of_an_uninterrupted_run(tmp_path):
     resumed = {entry["step"]: entry for entry in json.loads((killed / "log.json").read_text())}
     assert sorted(expected) == sorted(resumed) == [1, 2, 3, 4]
     for step in (3, 4):
-        for name in ("loss", "grad_norm", "release/kept_token_frac", "release/release_position", "advantage/mean"):
+        for name in (
+            "loss", "grad_norm", "release/kept_token_frac", "release/release_position", "advantage/mean",
+            "release/accepted_frac_null",  # the null metric's generator resumes too
+        ):  # fmt: skip
             assert resumed[step][name] == expected[step][name], (step, name)
     assert len({expected[step]["release/kept_token_frac"] for step in expected}) > 1  # the permutation did vary
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from trl_ltc.release import bic_change_point, release_weights, segment_scores
+from trl_ltc.release import bic_change_point, null_change_point, release_weights, segment_scores
 from trl_ltc.signals import OutputHead, signals_from_hidden
 from trl_ltc.supervision import (
     fraction_prefix_weights,
@@ -202,6 +202,42 @@ def test_stats_and_reduction_by_hand():
     assert out["advantage/std"] == pytest.approx(a.std(unbiased=False).item(), rel=1e-5)
     assert "advantage/sq_mean" not in out
     assert math.isnan(reduce_stats({"margin/suffix_mean": (0.0, 0.0)})["margin/suffix_mean"])
+
+
+def test_null_acceptance_stat_uses_its_own_generator_only():
+    g = torch.Generator().manual_seed(0)
+    lengths = [12, 12, 8, 12, 0, 6]
+    mask = _ragged(lengths, 12)
+    segment_ids = _segments(lengths, 12, 2)
+    margins = torch.rand(6, 12, generator=g) * 3
+    margins[:, 6:] *= 0.01  # a drop half way through
+    release_generator = torch.Generator().manual_seed(1)
+    before = release_generator.get_state()
+    sup = supervision_weights(
+        "random_release", mask, segment_ids=segment_ids, margins=margins, generator=release_generator
+    )
+    after_weights = release_generator.get_state()
+    advantages = torch.randn(6, 12, generator=g)
+
+    plain = supervision_stats(sup, mask, advantages, margins)
+    assert "release/accepted_frac_null" not in plain
+    null_generator = torch.Generator().manual_seed(7)
+    stats = supervision_stats(sup, mask, advantages, margins, null_generator=null_generator)
+    assert torch.equal(release_generator.get_state(), after_weights) and not torch.equal(before, after_weights)
+    assert {k: tuple(map(float, v)) for k, v in plain.items()} == {
+        k: tuple(map(float, v)) for k, v in stats.items() if k != "release/accepted_frac_null"
+    }
+    null = null_change_point(sup.segment_scores, sup.num_segments, torch.Generator().manual_seed(7))
+    out = reduce_stats({k: (float(s), float(c)) for k, (s, c) in stats.items()})
+    assert out["release/accepted_frac_null"] == pytest.approx(null.accepted.float().mean().item())
+    assert out["release/accepted_frac"] == pytest.approx(sup.change_point.accepted.float().mean().item())
+    # the null generator moves on at each call; the pairs of two batches are summed before dividing
+    again = supervision_stats(sup, mask, advantages, margins, null_generator=null_generator)
+    assert torch.equal(release_generator.get_state(), after_weights)
+    (s1, c1), (s2, c2) = stats["release/accepted_frac_null"], again["release/accepted_frac_null"]
+    totals = {"release/accepted_frac_null": (float(s1 + s2), float(c1 + c2))}
+    assert c1 == c2 == 6
+    assert reduce_stats(totals)["release/accepted_frac_null"] == pytest.approx(float(s1 + s2) / 12)
 
 
 def test_teacher_mass_off_the_student_support_is_not_selected():

@@ -17,6 +17,7 @@ from trl_ltc.trainer import global_permutation
 
 METRICS = (
     "release/accepted_frac",
+    "release/accepted_frac_null",
     "release/kept_token_frac",
     "release/release_position",
     "release/bic_gain",
@@ -341,7 +342,7 @@ def test_random_release_permutation_is_seeded(tmp_path, tokenizer):
 
 def test_release_generators_are_checkpointed(tmp_path, tokenizer, monkeypatch):
     trainer = _trainer(tmp_path, tokenizer, supervision="random_release")
-    generators = (trainer.release_generator, trainer.permutation_generator)
+    generators = (trainer.release_generator, trainer.permutation_generator, trainer.null_generator)
     for generator in generators:
         torch.randperm(5, generator=generator)
     saved = [generator.get_state() for generator in generators]
@@ -362,12 +363,48 @@ def test_release_generators_are_checkpointed(tmp_path, tokenizer, monkeypatch):
     assert torch.equal(trainer.permutation_generator.get_state(), saved[1])
     assert torch.equal(trainer.release_generator.get_state(), drawn)  # per-process: left as it was
 
-    # A checkpoint of an older version holds the release generator's state alone.
-    torch.save(saved[0], tmp_path / "release_rng_state_0.pth")
+    # Checkpoints of older versions hold the release generator's state alone, or no null generator state.
     monkeypatch.undo()
+    torch.save({"release": saved[0], "permutation": saved[1]}, tmp_path / "release_rng_state_0.pth")
+    torch.randperm(5, generator=trainer.null_generator)
+    null_state = trainer.null_generator.get_state()
+    trainer._load_rng_state(str(tmp_path))
+    assert torch.equal(trainer.permutation_generator.get_state(), saved[1])
+    assert torch.equal(trainer.null_generator.get_state(), null_state)  # left as it was
+    torch.save(saved[0], tmp_path / "release_rng_state_0.pth")
     torch.randperm(5, generator=trainer.release_generator)
     trainer._load_rng_state(str(tmp_path))
     assert torch.equal(trainer.release_generator.get_state(), saved[0])
+
+
+def test_null_metric_does_not_disturb_the_release_draws(tmp_path, tokenizer, monkeypatch):
+    """`release/accepted_frac_null` draws from its own generator: the weights and their draws are those of a run
+    without it."""
+    import trl_ltc.trainer as trainer_module
+
+    runs = {}
+    for name in ("with", "without"):
+        if name == "without":  # the stats as they were before the null metric
+            stats = trainer_module.supervision_stats
+            monkeypatch.setattr(
+                trainer_module, "supervision_stats", lambda *a, null_generator=None, **k: stats(*a, **k)
+            )
+        trainer = _trainer(tmp_path / name, tokenizer, supervision="random_release", max_steps=1, release_seed=3)
+        trainer.train()
+        runs[name] = trainer
+    with_null, without = runs["with"], runs["without"]
+    for attribute in ("release_generator", "permutation_generator"):
+        assert torch.equal(getattr(with_null, attribute).get_state(), getattr(without, attribute).get_state())
+    fresh = torch.Generator().manual_seed(3 + trainer_module.NULL_SEED_OFFSET)
+    assert not torch.equal(with_null.null_generator.get_state(), fresh.get_state())  # it was drawn from
+    assert torch.equal(without.null_generator.get_state(), fresh.get_state())
+    logs = [next(log for log in t.state.log_history if "loss" in log) for t in (with_null, without)]
+    assert "release/accepted_frac_null" in logs[0] and "release/accepted_frac_null" not in logs[1]
+    for key in ("loss", "release/kept_token_frac", "release/release_position", "release/accepted_frac"):
+        assert logs[0][key] == logs[1][key], key
+    assert 0 <= logs[0]["release/accepted_frac_null"] <= 1
+    for a, b in zip(with_null.model.parameters(), without.model.parameters()):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("score", ["teachability", "tip", "entropy", "divergence", "random"])

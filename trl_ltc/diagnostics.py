@@ -25,7 +25,17 @@ teacher/student pair, from the same functions the trainer uses (``token_signals`
     A self-contained page with a few trajectories: kept prefix and released suffix, segment boundaries and scores,
     and an inline SVG chart of the segment scores with the change point (paper Figure 6).
 ``summary.md``
-    Key numbers in a small table, and the replay of the online release rule (below).
+    Key numbers in a small table, the accepted fraction against its null (below), and the replay of the online
+    release rule (below).
+
+Null model of the change point
+------------------------------
+With a few segments the BIC rule prefers a downward drop often even on scores that have none (on iid scores about
+half of the 2-segment and a sixth of the 10-segment trajectories). :func:`null_acceptance` runs the same rule on each
+record's segment scores shuffled within the trajectory (``trl_ltc.release.null_change_point``, seeded with the run's
+``seed`` plus ``trl_ltc.release.NULL_SEED_OFFSET``): every record of ``trl-ltc diagnose`` gets ``accepted_null``, and
+``summary.md`` sets the accepted fraction against the null's. A local teachability collapse is only shown where the
+first clearly exceeds the second and the margin curve falls.
 
 Online release replay
 ---------------------
@@ -62,6 +72,8 @@ Token lists run over the completion tokens (``completion_mask != 0``) in order; 
   change point was computed on: ``log(1 + mean margin)`` for the release rule); ``segment_margin_mean``;
   ``segment_advantage_mean``, ``segment_advantage_std`` (population std of ``A_t`` over the segment's tokens).
 - ``release_segment`` (segments kept: ``tau`` when accepted, else ``num_segments``), ``accepted``, ``bic_gain``.
+- ``accepted_null`` (only from ``trl-ltc diagnose``): whether the same rule accepts a drop on the record's segment
+  scores shuffled (:func:`null_acceptance`).
 - ``kept_tokens``, ``kept_fraction``: supervised tokens with non-zero weight, and their fraction of the supervised
   tokens (the trainer's ``release/release_position``).
 - ``token_margins``, ``token_advantages``: per-token ``M_t`` and ``A_t``.
@@ -101,6 +113,7 @@ __all__ = [
     "diagnose",
     "main",
     "margin_curve",
+    "null_acceptance",
     "online_replay",
     "plot_margin_curve",
     "plot_release",
@@ -389,10 +402,12 @@ def summarize(records: Sequence[dict]) -> dict[str, float]:
 
     ``margin_before_change`` / ``margin_after_change`` pool the tokens of accepted trajectories before / after their
     change point; ``bic_gain_mean`` averages over all trajectories (0 when not accepted), as the trainer's metric.
-    When the records carry ``teachability_kept``, the TA-OPD numbers are added: ``teachability_kept_fraction``
-    (kept tokens / tokens), ``teachability_kept_position_mean`` (mean relative position of the kept tokens),
-    ``teachability_in_release_prefix`` (share of the kept tokens inside the release prefix) and
-    ``release_prefix_token_fraction`` (share of all tokens inside it: what a selection blind to position would give).
+    When the records carry ``accepted_null`` (:func:`null_acceptance`), ``accepted_frac_null`` is its mean over
+    them: the accepted fraction of the shuffled null, to set against ``accepted_fraction``. When the records carry
+    ``teachability_kept``, the TA-OPD numbers are added: ``teachability_kept_fraction`` (kept tokens / tokens),
+    ``teachability_kept_position_mean`` (mean relative position of the kept tokens), ``teachability_in_release_prefix``
+    (share of the kept tokens inside the release prefix) and ``release_prefix_token_fraction`` (share of all tokens
+    inside it: what a selection blind to position would give).
     """
     n = len(records)
     accepted = [r for r in records if r["accepted"]]
@@ -414,7 +429,32 @@ def summarize(records: Sequence[dict]) -> dict[str, float]:
         "bic_gain_mean_accepted": mean([r["bic_gain"] for r in accepted]),
         "num_segments_mean": mean([r["num_segments"] for r in records]),
         "completion_length_mean": mean([r["completion_length"] for r in records]),
-    } | _teachability_summary(records)
+    } | _null_summary(records) | _teachability_summary(records)
+
+
+def _null_summary(records: Sequence[dict]) -> dict[str, float]:
+    nulls = [r["accepted_null"] for r in records if "accepted_null" in r]
+    return {"accepted_frac_null": float(np.mean(nulls))} if nulls else {}
+
+
+def null_acceptance(records: Sequence[dict], seed: int = 0) -> list[bool]:
+    """``accepted_null`` of each record: the change point of formula 6 on its segment scores in a random order.
+
+    All records go through one ``trl_ltc.release.null_change_point`` call (each row's scores shuffled among
+    themselves, then ``bic_change_point``) with a generator seeded with ``seed + NULL_SEED_OFFSET``, so the same
+    records and seed always give the same answers. Records without two segments are never accepted.
+    """
+    from .release import NULL_SEED_OFFSET, null_change_point
+
+    if not records:
+        return []
+    width = max(r["num_segments"] for r in records)
+    scores = torch.zeros(len(records), width, dtype=torch.float64)
+    for row, record in enumerate(records):
+        scores[row, : record["num_segments"]] = torch.tensor(record["segment_scores"], dtype=torch.float64)
+    num_segments = torch.tensor([r["num_segments"] for r in records], dtype=torch.long)
+    generator = torch.Generator().manual_seed(seed + NULL_SEED_OFFSET)
+    return null_change_point(scores, num_segments, generator).accepted.tolist()
 
 
 def _teachability_summary(records: Sequence[dict]) -> dict[str, float]:
@@ -524,6 +564,7 @@ def online_summary_lines(numbers: dict, settings: str = "") -> list[str]:
 _SUMMARY_ROWS = (
     ("trajectories", "Trajectories", "{:d}"),
     ("accepted_fraction", "Accepted fraction (one-drop summary preferred by BIC)", "{:.3f}"),
+    ("accepted_frac_null", "Accepted fraction under the null (segment scores shuffled per trajectory)", "{:.3f}"),
     ("kept_fraction_mean", "Mean kept fraction of the completion (all trajectories)", "{:.3f}"),
     ("kept_fraction_mean_accepted", "Mean kept fraction (accepted trajectories)", "{:.3f}"),
     ("margin_before_change", "Mean teacher margin before the change (accepted, per token)", "{:.4f}"),
@@ -539,6 +580,15 @@ _SUMMARY_ROWS = (
 )
 
 
+def null_summary_line(accepted: float, accepted_null: float) -> str:
+    """The sentence of ``summary.md`` that sets the accepted fraction against its shuffled null."""
+    return (
+        f"Accepted fraction {accepted:.3f} vs {accepted_null:.3f} under the null (the same BIC rule on each "
+        "trajectory's segment scores in a random order). A local teachability collapse is only shown where the first "
+        "clearly exceeds the second and the margin curve falls."
+    )
+
+
 def write_summary(
     records: Sequence[dict], path, settings: dict | None = None, online: list[str] | None = None
 ) -> Path:
@@ -552,6 +602,8 @@ def write_summary(
         value = numbers[key]
         text = "n/a" if isinstance(value, float) and math.isnan(value) else fmt.format(value)
         lines.append(f"| {label} | {text} |")
+    if "accepted_frac_null" in numbers:
+        lines += ["", null_summary_line(numbers["accepted_fraction"], numbers["accepted_frac_null"])]
     if online:
         lines += ["", *online]
     if settings:
@@ -1027,7 +1079,8 @@ def diagnose(
     Margins for each K of ``top_k_sweep`` are computed the same way (``support_sweep.png``). The TA-OPD features
     (``token_top_k``) come from the same pass, and ``supervision_weights("token_teachability", ...)`` selects the
     tokens over each scoring batch of ``batch_size`` trajectories, as training does over a per-device batch
-    (``teachability.png``); ``token_score="random"`` draws from a generator seeded with ``seed``. The online
+    (``teachability.png``); ``token_score="random"`` draws from a generator seeded with ``seed``. Every record gets
+    ``accepted_null`` from :func:`null_acceptance` with the same ``seed`` (module docstring). The online
     release rule is replayed on the records with ``online_min_segments``, ``online_patience`` and
     ``online_check_tokens`` (:func:`online_replay`; fields in ``records.jsonl``, overall numbers in ``summary.md``).
 
@@ -1114,6 +1167,8 @@ def diagnose(
         f"K={top_k}, segmentation={segmentation}, temperature={temperature}, "
         f"max_completion_length={max_completion_length}, seed={seed}."
     )
+    for record, accepted_null in zip(records, null_acceptance(records, seed)):
+        record["accepted_null"] = accepted_null
     replayed = online_replay(records, online_min_segments, online_patience, online_check_tokens)
     for record, fields in zip(records, replayed):
         record.update(fields)

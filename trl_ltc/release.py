@@ -8,7 +8,8 @@ One batch goes through four steps::
     weights = release_weights(segment_ids, loss_mask, change_point)     # [B, T]              formula 7
 
 :func:`online_release` (formula 9) replays the online rule that stops a trajectory's generation once its
-supervision is released.
+supervision is released. :func:`null_change_point` is the null model of formula 6: the same rule on each
+trajectory's segment scores in a random order (:func:`shuffle_segments`).
 
 Every function is batched and vectorised (no Python loop over trajectories, tokens or candidate change
 points), runs on whatever device its inputs live on, and needs nothing but torch.
@@ -27,16 +28,22 @@ __all__ = [
     "ChangePoint",
     "OnlineRelease",
     "bic_change_point",
+    "NULL_SEED_OFFSET",
     "mass_preserving_weights",
+    "null_change_point",
     "online_release",
     "release_weights",
     "segment_scores",
+    "shuffle_segments",
     "support_margin",
     "teacher_margin",
 ]
 
 LOG_PROB_FLOOR = math.log(1e-12)
 """Teacher log-probs are floored here (formula 4), so masked (``-inf``) tokens still give finite margins."""
+
+NULL_SEED_OFFSET = 7919
+"""Added to a seed to seed the generator of :func:`null_change_point`, so its draws are its own."""
 
 _BIC_EPS = 1e-12  # the ``+ 1e-12`` inside the BIC's log (formula 6)
 _TIE_RTOL = 1e-10  # candidate RSS within this fraction of the row's sum of squares count as tied
@@ -229,6 +236,53 @@ def bic_change_point(scores: Tensor, num_segments: Tensor) -> ChangePoint:
         accepted=accepted,
         bic_gain=torch.where(accepted, gain, 0.0).to(_float_dtype(scores)),
     )
+
+
+def shuffle_segments(scores: Tensor, num_segments: Tensor, generator: torch.Generator) -> Tensor:
+    """Each trajectory's valid segment scores in a random order; padding stays where it is.
+
+    Row ``b``'s first ``num_segments[b]`` scores are permuted uniformly among themselves, independently of the
+    other rows; columns ``>= num_segments[b]`` keep their values. One ``[B, S]`` draw of random keys from
+    ``generator`` (on the generator's device), padding keys set to ``+inf``, and a stable ``argsort`` per row: no
+    loop over trajectories, and the draw depends only on the shape and the generator's state.
+
+    Args:
+        scores: ``[B, S]`` segment scores.
+        num_segments: ``[B]`` integer, each ``<= S``.
+        generator: the random source; it is advanced by one ``[B, S]`` draw.
+
+    Returns:
+        ``[B, S]`` tensor of the dtype and device of ``scores``.
+    """
+    if scores.ndim != 2 or num_segments.shape != scores.shape[:1]:
+        raise ValueError(
+            f"scores must be [B, S] and num_segments [B]; got {tuple(scores.shape)} and {tuple(num_segments.shape)}"
+        )
+    n = num_segments.to(device=scores.device, dtype=torch.long)
+    keys = torch.rand(scores.shape, generator=generator, device=generator.device, dtype=torch.float64)
+    positions = torch.arange(scores.shape[1], device=scores.device)
+    keys = torch.where(positions < n[:, None], keys.to(scores.device), torch.inf)
+    order = keys.argsort(dim=1, stable=True)  # padding (+inf keys) stays last, in its own order
+    return scores.gather(1, order)
+
+
+def null_change_point(scores: Tensor, num_segments: Tensor, generator: torch.Generator) -> ChangePoint:
+    """The change point of formula 6 on each trajectory's segment scores shuffled (:func:`shuffle_segments`).
+
+    A null model for the release rule: the same scores, the same number of segments, the same BIC test, but no
+    order. Its acceptance rate is what :func:`bic_change_point` accepts on these scores by chance alone (with a few
+    segments the one-drop model is preferred often even on scores without any drop), so a local collapse is only
+    shown where the real acceptance rate clearly exceeds it.
+
+    Args:
+        scores: ``[B, S]`` segment scores; columns ``>= num_segments[b]`` are ignored.
+        num_segments: ``[B]`` integer, each ``<= S``.
+        generator: the random source of the shuffle (advanced by one ``[B, S]`` draw).
+
+    Returns:
+        :class:`ChangePoint` of the shuffled scores (its ``release_segment`` indexes the shuffled order).
+    """
+    return bic_change_point(shuffle_segments(scores, num_segments, generator), num_segments)
 
 
 # ----------------------------------------------------------------------------------------------- formula 7

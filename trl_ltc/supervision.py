@@ -19,7 +19,14 @@ from typing import NamedTuple
 
 import torch
 
-from .release import ChangePoint, bic_change_point, mass_preserving_weights, release_weights, segment_scores
+from .release import (
+    ChangePoint,
+    bic_change_point,
+    mass_preserving_weights,
+    null_change_point,
+    release_weights,
+    segment_scores,
+)
 from .teachability import TeachabilityFeatures, score_tokens, token_budget_weights
 
 
@@ -186,14 +193,17 @@ def supervision_stats(
     advantages: torch.Tensor,
     margins: torch.Tensor | None = None,
     features: TeachabilityFeatures | None = None,
+    null_generator: torch.Generator | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Metric name -> (sum, count) over this batch, so that processes can be summed before dividing.
 
     `release/*` describe the change point of the batch (`accepted_frac`, `bic_gain`, `num_segments` and
     `release_position`, the kept fraction of the completion length, are means over trajectories) and the kept tokens of
-    the active policy (`kept_token_frac`); `margin/prefix_mean` and `margin/suffix_mean` are the mean margins on kept and
-    released tokens; `advantage/mean` and `advantage/std` are over supervised tokens (the std is rebuilt from the sums
-    of `A` and `A^2`).
+    the active policy (`kept_token_frac`). With `null_generator`, `release/accepted_frac_null` is the acceptance rate
+    of the same change point on each trajectory's segment scores shuffled with that generator (`null_change_point`, the
+    only draw from it): what the rule accepts on these scores without their order. `margin/prefix_mean` and
+    `margin/suffix_mean` are the mean margins on kept and released tokens; `advantage/mean` and `advantage/std` are over
+    supervised tokens (the std is rebuilt from the sums of `A` and `A^2`).
     """
     mask = loss_mask > 0
     kept = (supervision.weights > 0) & mask
@@ -211,6 +221,9 @@ def supervision_stats(
     cp = supervision.change_point
     if cp is not None:
         stats["release/accepted_frac"] = (one(cp.accepted), n_traj)
+        if null_generator is not None and supervision.segment_scores is not None:
+            null = null_change_point(supervision.segment_scores, supervision.num_segments, null_generator)
+            stats["release/accepted_frac_null"] = (one(null.accepted), n_traj)
         stats["release/bic_gain"] = (one(cp.bic_gain), n_traj)
         stats["release/num_segments"] = (one(supervision.num_segments), n_traj)
     if margins is not None:

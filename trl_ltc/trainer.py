@@ -27,6 +27,7 @@ from .config import MARGIN_POLICIES, SUPERVISIONS, TeachabilityGKDConfig
 from .diagnostics import ReleaseDiagnosticsCallback, trajectory_records
 from .online import OnlineRollout, TransformersBlocks, VLLMBlocks, generate_online
 from .prompts import truncate_prompt_ids, validate_prompt_dataset
+from .release import NULL_SEED_OFFSET
 from .segmentation import segment_completions
 from .signals import NON_FINITE_ADVICE, OutputHead, SignalsError, signals_from_hidden
 from .supervision import (
@@ -61,12 +62,13 @@ class TeachabilityGKDTrainer(DistillationTrainer):
             vocabularies agree (loaded from the teacher's local directory when not given and available).
 
     Metrics (logged every `logging_steps`, summed over processes): `release/accepted_frac`,
-    `release/kept_token_frac`, `release/release_position`, `release/bic_gain`, `release/num_segments`,
-    `margin/prefix_mean`, `margin/suffix_mean`, `advantage/mean`, `advantage/std`, and `teachability/*` with
-    `supervision="token_teachability"`. Per generation batch (one optimizer step), summed over processes:
-    `rollout/generated_tokens` (completion tokens the student generated, including any later dropped) and, with
-    `rollout_truncation="online"`, `rollout/truncated_frac` (trajectories stopped early), `rollout/saved_tokens_frac`
-    and `rollout/teacher_scoring_time` (see `_log_rollout`).
+    `release/accepted_frac_null` (the same change point on each trajectory's segment scores shuffled with
+    `null_generator`, whose draws no weight depends on), `release/kept_token_frac`, `release/release_position`,
+    `release/bic_gain`, `release/num_segments`, `margin/prefix_mean`, `margin/suffix_mean`, `advantage/mean`,
+    `advantage/std`, and `teachability/*` with `supervision="token_teachability"`. Per generation batch (one
+    optimizer step), summed over processes: `rollout/generated_tokens` (completion tokens the student generated,
+    including any later dropped) and, with `rollout_truncation="online"`, `rollout/truncated_frac` (trajectories
+    stopped early), `rollout/saved_tokens_frac` and `rollout/teacher_scoring_time` (see `_log_rollout`).
 
     With `supervision="random_release"` the release fractions are permuted across the whole generation batch of an
     optimizer step (all its micro-batches, all processes): see `_random_release_fractions`. This costs one extra
@@ -142,6 +144,10 @@ class TeachabilityGKDTrainer(DistillationTrainer):
         self.release_generator = torch.Generator().manual_seed(args.release_seed + self.accelerator.process_index)
         # The global `random_release` permutation: the same seed and the same draws on every process
         self.permutation_generator = torch.Generator().manual_seed(args.release_seed)
+        # The shuffles of `release/accepted_frac_null`: per process, and apart from the draws that shape the weights
+        self.null_generator = torch.Generator().manual_seed(
+            args.release_seed + NULL_SEED_OFFSET + self.accelerator.process_index
+        )
         self._pending_stats = None
         self._warned_empty = False
         self._warned_truncation = False
@@ -204,9 +210,14 @@ class TeachabilityGKDTrainer(DistillationTrainer):
         return f"at optimizer step {step + 1} (global_step={step}); no update of this step was applied"
 
     def _save_rng_state(self, output_dir: str) -> None:
-        # Checkpoints carry the `random_release` / random token-score generators, so a resumed run draws the same.
+        # Checkpoints carry the `random_release` / random token-score generators and the null metric's, so a resumed
+        # run draws the same.
         super()._save_rng_state(output_dir)
-        states = {"release": self.release_generator.get_state(), "permutation": self.permutation_generator.get_state()}
+        states = {
+            "release": self.release_generator.get_state(),
+            "permutation": self.permutation_generator.get_state(),
+            "null": self.null_generator.get_state(),
+        }
         torch.save(states, _release_rng_file(output_dir, self.args.process_index))
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
@@ -215,6 +226,8 @@ class TeachabilityGKDTrainer(DistillationTrainer):
             return
         if (states := _release_rng_states(checkpoint, self.args.process_index)) is not None:
             self.release_generator.set_state(states["release"])
+            if "null" in states:  # older checkpoints do not carry it
+                self.null_generator.set_state(states["null"])
         # Every process restores process 0's permutation state, so they keep drawing the same permutations (also
         # when the run resumes on another number of processes).
         if (states := _release_rng_states(checkpoint, 0)) is not None and "permutation" in states:
@@ -482,7 +495,9 @@ class TeachabilityGKDTrainer(DistillationTrainer):
                 signals.margins, advantages, teachability_weights=token_weights,
             )  # fmt: skip
             self.release_diagnostics.add(records, step=self.state.global_step)
-        self._pending_stats = supervision_stats(supervision, loss_mask, advantages, signals.margins, signals.features)
+        self._pending_stats = supervision_stats(
+            supervision, loss_mask, advantages, signals.margins, signals.features, null_generator=self.null_generator
+        )
         return loss, (signals.student_entropy * loss_mask).sum().detach(), n_valid
 
 
