@@ -473,6 +473,33 @@ def test_killed_run_resumes_with_the_losses_of_an_uninterrupted_run(tmp_path):
     assert len({expected[step]["release/kept_token_frac"] for step in expected}) > 1  # the permutation did vary
 
 
+@pytest.mark.parametrize("policy", ["full", "random_release"])
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_resume_at_an_epoch_boundary_and_mid_epoch_is_exact(tmp_path, policy, accumulation):
+    """8 prompts in generation batches of 4: an epoch is 2 steps. Resuming (in a fresh process) from checkpoint-2, an
+    epoch boundary, and from checkpoint-3, mid-way through the second epoch, gives every later step of an
+    uninterrupted run exactly: the second epoch's shuffle order must not restart from the first epoch's."""
+    flags = ("--prompts", "8", "--supervision", policy, "--gradient-accumulation-steps", str(accumulation))
+    whole = tmp_path / "whole"
+    code, output = _finish(_launch(whole, *flags))
+    assert code == 0, output[-3000:]
+    runs = {}
+    for step in (2, 3):
+        shutil.copytree(whole / f"checkpoint-{step}", tmp_path / f"from-{step}" / f"checkpoint-{step}")
+        runs[step] = _launch(tmp_path / f"from-{step}", *flags, "--resume")
+    for step, process in runs.items():
+        code, output = _finish(process)
+        assert code == 0, output[-3000:]
+    expected = {entry["step"]: entry for entry in json.loads((whole / "log.json").read_text())}
+    assert sorted(expected) == [1, 2, 3, 4]
+    names = sorted(set(expected[4]) - {"step_time"})
+    assert {"loss", "grad_norm", "release/kept_token_frac", "release/release_position", "epoch"} <= set(names)
+    for start in runs:
+        resumed = {entry["step"]: entry for entry in json.loads((tmp_path / f"from-{start}" / "log.json").read_text())}
+        for step in range(start + 1, 5):
+            assert {n: resumed[step].get(n) for n in names} == {n: expected[step][n] for n in names}, (start, step)
+
+
 def test_keyboard_interrupt_mid_step_leaves_the_last_checkpoint_intact(tmp_path):
     from safetensors.torch import load_file
 

@@ -21,7 +21,13 @@ from trl import DistillationTrainer
 from trl.extras.profiling import profiling_context
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 from trl.models.utils import unwrap_model_for_generation
-from trl.trainer.utils import pad, split_pixel_values_by_grid, split_tensor_dict, unsplit_pixel_values_by_grid
+from trl.trainer.utils import (
+    RepeatSampler,
+    pad,
+    split_pixel_values_by_grid,
+    split_tensor_dict,
+    unsplit_pixel_values_by_grid,
+)
 
 from .config import MARGIN_POLICIES, SUPERVISIONS, TeachabilityGKDConfig
 from .diagnostics import ReleaseDiagnosticsCallback, trajectory_records
@@ -160,6 +166,11 @@ class TeachabilityGKDTrainer(DistillationTrainer):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir) or True
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+
+    def _get_train_sampler(self, dataset=None):
+        # The parent's sampler, built by the parent, with an epoch-indexed order (see `EpochRepeatSampler`).
+        with _replaced(_distillation, "RepeatSampler", EpochRepeatSampler):
+            return super()._get_train_sampler(dataset)
 
     def _tokenize_prompts(self, prompts: list):
         prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
@@ -484,6 +495,33 @@ class TeachabilityGKDTrainer(DistillationTrainer):
             self.release_diagnostics.add(records, step=self.state.global_step)
         self._pending_stats = supervision_stats(supervision, loss_mask, advantages, signals.margins, signals.features)
         return loss, (signals.student_entropy * loss_mask).sum().detach(), n_valid
+
+
+class EpochRepeatSampler(RepeatSampler):
+    """`trl`'s `RepeatSampler` whose order in epoch `e` depends only on `e` (`set_epoch`), so resume is exact.
+
+    `RepeatSampler` shuffles with its own generator, seeded once when it is built; each epoch draws the next
+    permutation from it. That generator is not part of a checkpoint: a run resumed at epoch `e` builds a new sampler
+    and its first epoch draws permutation 0 again, so every resumed epoch after the first replays epoch 0's order
+    (other prompts, so other samples and losses) while an uninterrupted run moves on to permutation `e`. Transformers
+    restores the global RNG and skips the batches already trained in the resumed epoch, and calls
+    `set_epoch(epoch)` on the sampler before each epoch; here `set_epoch(e)` puts the generator in the state it has
+    after `e` permutations, so both runs draw the same order and an uninterrupted run keeps the parent's order. The
+    generator states at the start of each epoch are cached (one `randperm` per new epoch, none on a repeated call).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._epoch_states = [self.generator.get_state()] if self.shuffle else []
+
+    def set_epoch(self, epoch: int) -> None:
+        if not self.shuffle:
+            return
+        while len(self._epoch_states) <= epoch:
+            self.generator.set_state(self._epoch_states[-1])
+            torch.randperm(self.num_samples, generator=self.generator)  # what `__iter__` draws once per epoch
+            self._epoch_states.append(self.generator.get_state())
+        self.generator.set_state(self._epoch_states[epoch])
 
 
 def _release_rng_file(directory: str, process_index: int) -> str:
