@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from helpers import make_model, make_tokenizer
+from helpers import make_model, make_tokenizer, padded_copy
 
 from trl_ltc import cli, diagnostics
 from trl_ltc.diagnostics import (
@@ -194,6 +194,24 @@ class _Completions(HTMLParser):
         if self._current is not None:
             kind = next(k for k in ("kept", "released") for _, c, _ in reversed(self._stack) if k in c)
             self.parts[self._current][kind] += data
+
+
+def test_a_padded_teacher_gives_the_records_of_the_unpadded_one(pair, tmp_path):
+    """One tokenizer, the teacher's head padded with 16 rows: the same samples, margins, advantages, TA-OPD picks."""
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(pair / "student").eval()
+    teacher = AutoModelForCausalLM.from_pretrained(pair / "teacher").eval()
+    options = dict(
+        top_k=TOP_K, top_k_sweep=(2, TOP_K), segmentation="fixed", segment_window=WINDOW, max_completion_length=16,
+        batch_size=3, num_cases=2, progress=False, token_keep_ratio=0.2,
+    )  # fmt: skip
+    records = {}
+    for name, model in (("plain", teacher), ("padded", padded_copy(teacher))):
+        diagnostics.diagnose(student, model, make_tokenizer(), PROMPTS[:3], tmp_path / name, **options)
+        records[name] = (tmp_path / name / "records.jsonl").read_text()
+    assert records["padded"] == records["plain"]
+    assert '"token_margins"' in records["plain"] and '"teachability_kept"' in records["plain"]
 
 
 def test_html_shows_each_completion_once_split_at_the_change_point(run):

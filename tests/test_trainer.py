@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from helpers import make_model, make_tokenizer
+from helpers import make_model, make_tokenizer, padded_copy
 
 from trl_ltc import TeachabilityGKDConfig, TeachabilityGKDTrainer
 from trl_ltc.config import SUPERVISIONS
@@ -65,7 +65,7 @@ def _config(tmp_path, **overrides):
     return TeachabilityGKDConfig(**kwargs)
 
 
-def _trainer(tmp_path, tokenizer, student=None, teacher=None, **overrides):
+def _trainer(tmp_path, tokenizer, student=None, teacher=None, teacher_processing_class=None, **overrides):
     vocab = len(tokenizer)
     return TeachabilityGKDTrainer(
         model=student if student is not None else make_model(vocab, seed=1),
@@ -73,6 +73,7 @@ def _trainer(tmp_path, tokenizer, student=None, teacher=None, **overrides):
         args=_config(tmp_path, **overrides),
         train_dataset=_prompts(),
         processing_class=tokenizer,
+        teacher_processing_class=teacher_processing_class,
     )
 
 
@@ -382,10 +383,76 @@ def test_token_teachability_scores_train(tmp_path, tokenizer, score):
         assert log["teachability/kept_token_frac"] == log["release/kept_token_frac"]
 
 
+PADDED_CASES = [(policy, {}) for policy in SUPERVISIONS] + [
+    ("release", {"loss_type": "parent"}),
+    ("release", {"rollout_truncation": "online", "online_check_tokens": 4}),
+]
+
+
+@pytest.mark.parametrize("policy, overrides", PADDED_CASES)
+def test_a_padded_teacher_trains_exactly_like_the_unpadded_one(tmp_path, tokenizer, policy, overrides):
+    """One tokenizer, the teacher's embeddings and head padded with 16 rows: the same samples, signals, losses,
+    gradients and metrics as with the unpadded teacher (both distributions over the 400 shared ids)."""
+    V = len(tokenizer)
+    teacher = make_model(V, seed=2)
+    padded = padded_copy(teacher)
+    logs = {}
+    for name, model in (("plain", teacher), ("padded", padded)):
+        trainer = _trainer(
+            tmp_path / name, tokenizer, teacher=model, supervision=policy, token_keep_ratio=0.3,
+            teacher_processing_class=tokenizer, **overrides,
+        )  # fmt: skip
+        assert trainer.vocab_size == V
+        trainer.train()
+        logs[name] = [{k: v for k, v in log.items() if "time" not in k} for log in trainer.state.log_history[:-1]]
+    assert padded.config.vocab_size == V + 16  # the parent was shown the student's size only while it was built
+    assert len(logs["padded"]) == 2 and logs["padded"] == logs["plain"]
+
+
+def test_a_padded_student_never_samples_its_padded_rows(tmp_path, tokenizer):
+    V = len(tokenizer)
+    student = padded_copy(make_model(V, seed=1))
+    with torch.no_grad():
+        student.lm_head.weight[V:] = 4 * student.lm_head.weight[:16]  # padded rows that would often be sampled
+    trainer = _trainer(tmp_path, tokenizer, student=student, supervision="token_teachability", token_keep_ratio=0.3)
+    generate, sampled = trainer._generate_single_turn, []
+
+    def recording(*args, **kwargs):
+        completions = generate(*args, **kwargs)
+        sampled.extend(token for row in completions for token in row)
+        return completions
+
+    trainer._generate_single_turn = recording
+    trainer.train()
+    assert len(sampled) > 50 and max(sampled) < V
+    assert all(math.isfinite(log["loss"]) for log in trainer.state.log_history if "loss" in log)
+
+
+def _padded_tokenizer(tokenizer, extra):
+    other = copy.deepcopy(tokenizer)
+    other.add_tokens([f"<extra_{i}>" for i in range(extra)])
+    return other
+
+
+def test_vocabulary_guards(tmp_path, tokenizer):
+    V = len(tokenizer)
+    # A head smaller than the tokenizer: the ids from V - 8 on have no teacher row.
+    with pytest.raises(ValueError, match=rf"{V} tokens.*vocab_size {V} and the teacher {V - 8}.*teacher's output head is id {V - 8}"):
+        _trainer(tmp_path, tokenizer, teacher=make_model(V - 8, seed=2))
+    with pytest.raises(ValueError, match=rf"{V + 4} tokens.*student has vocab_size {V}.*student's output head is id {V}"):
+        _trainer(tmp_path, _padded_tokenizer(tokenizer, 4), student=make_model(V), teacher=make_model(V + 16))
+    # Different tokenizers, even with padded heads: both sizes and the first differing token.
+    other = make_tokenizer(vocab_size=V, corpus_seed=1)
+    with pytest.raises(ValueError, match=rf"vocab_size {V} .*vocab_size {V + 16} .*first differing token is id \d+: "):
+        _trainer(tmp_path, tokenizer, teacher=make_model(V + 16, seed=2), teacher_processing_class=other)
+    # The teacher's tokenizer has tokens the student's has not: not the same tokenizer.
+    with pytest.raises(ValueError, match=rf"first differing token is id {V}: None \(student\) vs '<extra_0>'"):
+        _trainer(tmp_path, tokenizer, teacher=make_model(V + 16, seed=2),
+                 teacher_processing_class=_padded_tokenizer(tokenizer, 1))  # fmt: skip
+
+
 def test_guards(tmp_path, tokenizer):
     V = len(tokenizer)
-    with pytest.raises(ValueError, match=r"vocab_size 400.*401"):
-        _trainer(tmp_path, tokenizer, teacher=make_model(V + 1, seed=2))
     other = make_tokenizer(vocab_size=V, corpus_seed=1)
     with pytest.raises(ValueError, match="first differing token is id"):
         TeachabilityGKDTrainer(

@@ -1037,11 +1037,11 @@ def diagnose(
 
     from .generation import sample_completions
     from .segmentation import segment_completions
-    from .signals import token_signals
+    from .signals import shared_vocab_size, token_signals
     from .supervision import supervision_weights
     from .teachability import TeachabilityFeatures
 
-    vocab = student.get_output_embeddings().weight.shape[0]
+    vocab = shared_vocab_size(student, teacher)  # the token ids both output heads have (they may be padded)
     for k in (top_k, *top_k_sweep):
         if not 2 <= k <= vocab:
             raise ValueError(
@@ -1057,7 +1057,8 @@ def diagnose(
     student.eval()
     teacher.eval()
     rollouts = sample_completions(
-        student, tokenizer, prompts, max_completion_length, batch_size, temperature, seed=seed, progress=progress
+        student, tokenizer, prompts, max_completion_length, batch_size, temperature, seed=seed, progress=progress,
+        vocab_size=vocab,
     )
     sweep = sorted(set(top_k_sweep))
     records, sweep_margins = [], {k: [] for k in sweep}
