@@ -271,12 +271,29 @@ def test_non_finite_student_logits_stop_before_the_update(tmp_path, tokenizer, v
         ({"release_top_k": 1}, "`release_top_k` must be >= 2"),
         ({"supervision": "fixed_prefix", "fixed_prefix_length": -3}, "`fixed_prefix_length` must be a positive"),
         ({"max_prompt_length": 0}, "`max_prompt_length` must be >= 1"),
+        ({"release_diagnostics_max_records": 0}, "`release_diagnostics_max_records` must be >= 1"),
     ],
 )
 def test_config_errors_name_the_field_and_the_allowed_values(tmp_path, overrides, message):
     with pytest.raises(ValueError) as error:
         _config(tmp_path, **overrides)
     assert message in str(error.value)
+
+
+def test_beta_without_the_parent_loss_warns_once_naming_both_fields(tmp_path, tokenizer):
+    def beta_warnings(**overrides):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            config = _config(tmp_path, **overrides)
+            TeachabilityGKDTrainer(
+                model=make_model(len(tokenizer), seed=1), teacher_model=make_model(len(tokenizer), seed=2),
+                args=config, train_dataset=_prompts(), processing_class=tokenizer,
+            )  # fmt: skip
+        return [str(w.message) for w in caught if "beta" in str(w.message)]
+
+    (message,) = beta_warnings(beta=0.5)  # once: from the config, not again from the trainer
+    assert "`beta=0.5` has no effect with `loss_type='advantage'`" in message and "loss_type='parent'" in message
+    assert beta_warnings(beta=0.5, loss_type="parent") == [] and beta_warnings() == []
 
 
 def test_top_k_above_the_vocabulary_fails_before_the_models_load(tmp_path, tokenizer, monkeypatch):

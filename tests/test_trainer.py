@@ -112,6 +112,26 @@ def test_release_diagnostics_are_written_during_training(tmp_path, tokenizer, po
         assert not (tmp_path / "teachability.png").exists() and "teachability_kept" not in records[0]
 
 
+def test_release_diagnostics_are_capped_and_logged_to_the_image_trackers(tmp_path, tokenizer):
+    from test_diagnostics import _fake_trackers
+
+    tensorboard, _ = _fake_trackers()
+    writer = tensorboard.tb_writer
+    trainer = _trainer(
+        tmp_path, tokenizer, release_diagnostics_steps=2, release_diagnostics_max_records=3, save_strategy="steps",
+        save_steps=1,
+    )  # fmt: skip
+    # Where `report_to="tensorboard"` puts it (before the trainer's own callbacks), with a recording writer: it
+    # closes its writer at the end of training before the diagnostics would log the final plots again.
+    trainer.callback_handler.callbacks.insert(1, tensorboard)
+    trainer.train()
+    assert [r["step"] for r in trainer.release_diagnostics.records] == [1, 1, 1]  # 8 trajectories made, 3 kept
+    lines = (tmp_path / "release_records.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    images = [(args[0], args[2]) for name, args, _ in writer.calls if name == "add_image"]
+    assert images == [(f"release_diagnostics/{name}", step) for step in (1, 2) for name in ("release", "margin_curve")]
+
+
 def _fixed_batch(tokenizer, seed=0):
     g = torch.Generator().manual_seed(seed)
     V, pad = len(tokenizer), tokenizer.pad_token_id
@@ -383,6 +403,32 @@ def test_token_teachability_scores_train(tmp_path, tokenizer, score):
         assert log["teachability/kept_token_frac"] == log["release/kept_token_frac"]
 
 
+def test_full_supervision_with_the_parent_loss_is_trl_distillation_trainer(tmp_path, tokenizer):
+    """Same samples, losses and gradients as `trl.DistillationTrainer`, over three epochs (one step each): the
+    epoch-indexed sampler keeps the parent's prompt order."""
+    from trl import DistillationConfig, DistillationTrainer
+
+    V = len(tokenizer)
+    config = _config(tmp_path / "ours", supervision="full", loss_type="parent", max_steps=3, learning_rate=1e-2)
+    shared = {"max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "max_completion_length",
+              "report_to", "logging_steps", "bf16", "use_cpu", "gradient_checkpointing", "learning_rate", "save_strategy"}  # fmt: skip
+    parent_config = DistillationConfig(str(tmp_path / "parent"), **{name: getattr(config, name) for name in shared})
+    logs = []
+    for trainer_class, args in ((DistillationTrainer, parent_config), (TeachabilityGKDTrainer, config)):
+        trainer = trainer_class(
+            model=make_model(V, seed=1), teacher_model=make_model(V, seed=2), args=args, train_dataset=_prompts(4),
+            processing_class=tokenizer,
+        )  # fmt: skip
+        trainer.train()
+        logs.append([log for log in trainer.state.log_history if "loss" in log])
+    parent, ours = logs
+    assert len(parent) == len(ours) == 3 and [log["epoch"] for log in ours] == [1, 2, 3]
+    for p, o in zip(parent, ours):
+        exact = [name for name in p if name.startswith("completions/")] + ["loss", "grad_norm", "num_tokens"]
+        assert {n: o[n] for n in exact} == {n: p[n] for n in exact}
+        assert o["entropy"] == pytest.approx(p["entropy"], rel=1e-6)  # ours comes from the signals pass
+
+
 PADDED_CASES = [(policy, {}) for policy in SUPERVISIONS] + [
     ("release", {"loss_type": "parent"}),
     ("release", {"rollout_truncation": "online", "online_check_tokens": 4}),
@@ -463,9 +509,13 @@ def test_guards(tmp_path, tokenizer):
             processing_class=tokenizer,
             teacher_processing_class=other,
         )
-    with pytest.raises(ValueError, match=r"local `teacher_model`.*full, fixed_prefix, adv_std_release"):
+    with pytest.raises(ValueError) as missing:
         TeachabilityGKDTrainer(model=make_model(V), args=_config(tmp_path), train_dataset=_prompts(),
                                processing_class=tokenizer)  # fmt: skip
+    message = str(missing.value)
+    assert "needs `teacher_model`; got None" in message and "model object, or a Hub id or local path" in message
+    assert "`teacher_model_init_kwargs`" in message and "served by another process is not supported" in message
+    assert "remote" not in message
     with pytest.raises(ValueError, match="release_top_k"):
         _trainer(tmp_path, tokenizer, release_top_k=V + 1)
     with pytest.raises(TypeError, match="TeachabilityGKDConfig"):

@@ -30,7 +30,7 @@ from trl.trainer.utils import (
     unsplit_pixel_values_by_grid,
 )
 
-from .config import MARGIN_POLICIES, SUPERVISIONS, TeachabilityGKDConfig
+from .config import TeachabilityGKDConfig
 from .diagnostics import ReleaseDiagnosticsCallback, trajectory_records
 from .online import OnlineRollout, TransformersBlocks, VLLMBlocks, generate_online
 from .prompts import truncate_prompt_ids, validate_prompt_dataset
@@ -65,7 +65,11 @@ class TeachabilityGKDTrainer(DistillationTrainer):
         quantization_config, peft_config, tools: as in `trl.DistillationTrainer`; `args` is a
             `TeachabilityGKDConfig`.
         teacher_processing_class (*optional*): the teacher's tokenizer, to check token by token that the two
-            vocabularies agree (loaded from the teacher's local directory when not given and available).
+            tokenizers agree (loaded from the teacher's local directory when not given and available; without it,
+            the processing class is taken as the tokenizer of both). The two models' output heads may be padded to
+            different sizes: the signals are then taken over the first `min(V_student, V_teacher)` token ids
+            (`vocab_size`), which must hold every token of the tokenizer, and a padded student never samples its
+            extra rows.
 
     Metrics (logged every `logging_steps`, summed over processes): `release/accepted_frac`,
     `release/kept_token_frac`, `release/release_position`, `release/bic_gain`, `release/num_segments`,
@@ -124,7 +128,7 @@ class TeachabilityGKDTrainer(DistillationTrainer):
                 "fields: `TeachabilityGKDConfig(output_dir=..., ...)`."
             )
         if teacher_model is None:
-            raise ValueError(_remote_teacher_message(args.supervision))
+            raise ValueError(_MISSING_TEACHER)
         # Cheap checks first: a wrong dataset or vocabulary fails in seconds, before two models are loaded.
         _check_datasets(train_dataset, eval_dataset)
         sizes = _check_vocabularies(model, teacher_model, processing_class, teacher_processing_class, args)
@@ -160,7 +164,11 @@ class TeachabilityGKDTrainer(DistillationTrainer):
         self.last_supervision = None  # the `Supervision` of the latest micro-batch (weights, change point, scores)
         self.release_diagnostics = None
         if args.release_diagnostics_steps > 0:
-            self.release_diagnostics = ReleaseDiagnosticsCallback(max_steps_kept=args.release_diagnostics_steps)
+            self.release_diagnostics = ReleaseDiagnosticsCallback(
+                max_steps_kept=args.release_diagnostics_steps,
+                max_records=args.release_diagnostics_max_records,
+                trackers=self.callback_handler.callbacks,
+            )
             self.add_callback(self.release_diagnostics)
 
     def _suppress_padded_rows(self, student_rows: int) -> None:
@@ -625,15 +633,13 @@ def _replaced(module, name: str, value):
         setattr(module, name, original)
 
 
-def _remote_teacher_message(supervision: str) -> str:
-    local_only = [p for p in SUPERVISIONS if p in MARGIN_POLICIES]
-    remote_ok = [p for p in SUPERVISIONS if p not in MARGIN_POLICIES]
-    return (
-        f"TeachabilityGKDTrainer needs a local `teacher_model` (a model or a model id/path); got None. "
-        f"supervision={supervision!r} reads the teacher's logits on the student's candidates "
-        f"({', '.join(local_only)} all do); with a teacher served remotely only log pT(y) of the sampled tokens is "
-        f"available, which is enough for {', '.join(remote_ok)}."
-    )
+_MISSING_TEACHER = (
+    "TeachabilityGKDTrainer needs `teacher_model`; got None. Pass a model object, or a Hub id or local path that the "
+    "trainer loads in this process (with `teacher_model_init_kwargs`, e.g. `{'dtype': 'bfloat16'}` or a "
+    "quantization config, to make it smaller; sharded across GPUs with FSDP2 or DeepSpeed ZeRO-3). A teacher served "
+    "by another process is not supported, under any `supervision`: every policy projects the teacher's last hidden "
+    "states through its output head in the training forward pass."
+)
 
 
 def _vocab_size(model, args) -> int:
