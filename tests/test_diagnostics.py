@@ -478,7 +478,8 @@ def test_callback_logs_its_plots_to_the_image_trackers(tmp_path):
     tags = ["release_diagnostics/release", "release_diagnostics/margin_curve"]
     calls = tensorboard.tb_writer.calls
     images = [(args[0], args[1].shape, args[2], kwargs) for name, args, kwargs in calls if name == "add_image"]
-    assert [(tag, step, kwargs) for tag, _, step, kwargs in images] == [(tag, 7, {"dataformats": "HWC"}) for tag in tags]
+    expected = [(tag, 7, {"dataformats": "HWC"}) for tag in tags]
+    assert [(tag, step, kwargs) for tag, _, step, kwargs in images] == expected
     assert all(shape[2] == 3 and shape[0] > 100 for _, shape, _, _ in images)
     ((name, (logged,), _),) = wandb._wandb.calls
     assert name == "log" and logged == {

@@ -410,8 +410,10 @@ def test_full_supervision_with_the_parent_loss_is_trl_distillation_trainer(tmp_p
 
     V = len(tokenizer)
     config = _config(tmp_path / "ours", supervision="full", loss_type="parent", max_steps=3, learning_rate=1e-2)
-    shared = {"max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "max_completion_length",
-              "report_to", "logging_steps", "bf16", "use_cpu", "gradient_checkpointing", "learning_rate", "save_strategy"}  # fmt: skip
+    shared = (
+        "max_steps per_device_train_batch_size gradient_accumulation_steps max_completion_length report_to "
+        "logging_steps bf16 use_cpu gradient_checkpointing learning_rate save_strategy"
+    ).split()
     parent_config = DistillationConfig(str(tmp_path / "parent"), **{name: getattr(config, name) for name in shared})
     logs = []
     for trainer_class, args in ((DistillationTrainer, parent_config), (TeachabilityGKDTrainer, config)):
@@ -483,9 +485,11 @@ def _padded_tokenizer(tokenizer, extra):
 def test_vocabulary_guards(tmp_path, tokenizer):
     V = len(tokenizer)
     # A head smaller than the tokenizer: the ids from V - 8 on have no teacher row.
-    with pytest.raises(ValueError, match=rf"{V} tokens.*vocab_size {V} and the teacher {V - 8}.*teacher's output head is id {V - 8}"):
+    smaller = rf"{V} tokens.*vocab_size {V} and the teacher {V - 8}.*teacher's output head is id {V - 8}"
+    with pytest.raises(ValueError, match=smaller):
         _trainer(tmp_path, tokenizer, teacher=make_model(V - 8, seed=2))
-    with pytest.raises(ValueError, match=rf"{V + 4} tokens.*student has vocab_size {V}.*student's output head is id {V}"):
+    larger = rf"{V + 4} tokens.*student has vocab_size {V}.*student's output head is id {V}"
+    with pytest.raises(ValueError, match=larger):
         _trainer(tmp_path, _padded_tokenizer(tokenizer, 4), student=make_model(V), teacher=make_model(V + 16))
     # Different tokenizers, even with padded heads: both sizes and the first differing token.
     other = make_tokenizer(vocab_size=V, corpus_seed=1)

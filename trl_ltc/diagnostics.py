@@ -1499,7 +1499,7 @@ class ReleaseDiagnosticsCallback(TrainerCallback):
         """
         from transformers.integrations import TensorBoardCallback, WandbCallback
 
-        images = {f"release_diagnostics/{Path(name).stem}": path for name, path in files.items() if name.endswith(".png")}
+        images = {f"release_diagnostics/{Path(n).stem}": path for n, path in files.items() if n.endswith(".png")}
         logged = []
         for tracker in self.trackers if images else ():
             if isinstance(tracker, WandbCallback) and getattr(tracker._wandb, "run", None) is not None:

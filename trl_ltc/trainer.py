@@ -681,10 +681,11 @@ def _check_vocabularies(model, teacher_model, processing_class, teacher_processi
     student_tok = _tokenizer_of(processing_class, model)
     teacher_tok = _tokenizer_of(teacher_processing_class, teacher_model)
     if student_tok is not None and teacher_tok is not None:
-        n = max(len(student_tok), len(teacher_tok))
         s_tokens = student_tok.convert_ids_to_tokens(list(range(len(student_tok))))
         t_tokens = teacher_tok.convert_ids_to_tokens(list(range(len(teacher_tok))))
-        first = next((i for i in range(n) if i >= min(len(s_tokens), len(t_tokens)) or s_tokens[i] != t_tokens[i]), None)
+        n = min(len(s_tokens), len(t_tokens))
+        shorter = None if len(s_tokens) == len(t_tokens) else n  # the first id only one tokenizer has
+        first = next((i for i in range(n) if s_tokens[i] != t_tokens[i]), shorter)
         if first is not None:
             raise ValueError(
                 f"The student and the teacher must share one tokenizer: the student has vocab_size {student_size} "
