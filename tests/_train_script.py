@@ -1,13 +1,15 @@
 """A short `random_release` training run on tiny models, for the interrupt-and-resume tests.
 
     python tests/_train_script.py OUTPUT_DIR [--kill-at-step K] [--resume]
+        [--prompts N] [--supervision POLICY] [--gradient-accumulation-steps G]
 
-Trains `MAX_STEPS` optimizer steps, saving a checkpoint after every step. The student samples its completions (on
-CPU, from the seeded global RNG, which checkpoints restore); `random_release` draws from the trainer's
-`permutation_generator`. `--kill-at-step K` sends SIGKILL to the process in the middle of step K + 1, after the forward
-pass of its first micro-batch (checkpoint-K is on disk, checkpoint-(K + 1) is not). `--resume` resumes from the last
-complete checkpoint. The logged entries (loss and supervision metrics per step) are written to
-`OUTPUT_DIR/log.json`.
+Trains `MAX_STEPS` optimizer steps on generation batches of 4 prompts (`4 // G` per micro-batch, `G` micro-batches),
+saving a checkpoint after every step; with `--prompts 8` an epoch is 2 steps, so checkpoint-2 is an epoch boundary.
+The student samples its completions (on CPU, from the seeded global RNG, which checkpoints restore); `random_release`
+draws from the trainer's `permutation_generator`. `--kill-at-step K` sends SIGKILL to the process in the middle of
+step K + 1, after the forward pass of its first micro-batch (checkpoint-K is on disk, checkpoint-(K + 1) is not).
+`--resume` resumes from the last complete checkpoint in `OUTPUT_DIR`. The logged entries (loss and supervision metrics
+per step) are written to `OUTPUT_DIR/log.json`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 MAX_STEPS = 4
 
 
-def build_trainer(output_dir: str, **overrides):
+def build_trainer(output_dir: str, num_prompts: int = 4 * MAX_STEPS, **overrides):
     from datasets import Dataset
     from helpers import make_model, make_tokenizer
 
@@ -52,7 +54,7 @@ def build_trainer(output_dir: str, **overrides):
         release_diagnostics_steps=0,
     )
     kwargs.update(overrides)
-    prompts = [f"Tom has {i} apples and eats {i % 3}. How many are left?" for i in range(4 * MAX_STEPS)]
+    prompts = [f"Tom has {i} apples and eats {i % 3}. How many are left?" for i in range(num_prompts)]
     return TeachabilityGKDTrainer(
         model=make_model(vocab, seed=1),
         teacher_model=make_model(vocab, seed=2),
@@ -67,12 +69,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("output_dir")
     parser.add_argument("--kill-at-step", type=int, default=None)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--prompts", type=int, default=4 * MAX_STEPS)
+    parser.add_argument("--supervision", default="random_release")
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=2)
     args = parser.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(1)  # the same float reductions in every run
-    trainer = build_trainer(args.output_dir)
+    accumulation = args.gradient_accumulation_steps
+    trainer = build_trainer(
+        args.output_dir,
+        num_prompts=args.prompts,
+        supervision=args.supervision,
+        per_device_train_batch_size=4 // accumulation,
+        gradient_accumulation_steps=accumulation,
+    )
     if args.kill_at_step is not None:
         compute_loss = trainer.compute_loss
 

@@ -38,3 +38,13 @@ def make_tokenizer(vocab_size: int = 400, corpus_seed: int = 0):
 def make_model(vocab_size: int, seed: int = 0, hidden_size: int = 64, num_layers: int = 2, dtype=torch.float32):
     """A tiny random Qwen2-style causal LM (2 layers, hidden 64)."""
     return tiny_causal_lm(vocab_size, seed, hidden_size, num_layers, dtype, max_position_embeddings=1024)
+
+
+def padded_copy(model, extra_rows: int = 16):
+    """A copy of `model` whose embedding matrix and output head have `extra_rows` more rows after the same ones, as
+    checkpoints that pad their vocabulary to a multiple of 64 or 128 have."""
+    import copy
+
+    padded = copy.deepcopy(model)
+    padded.resize_token_embeddings(model.get_output_embeddings().weight.shape[0] + extra_rows)
+    return padded

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from helpers import make_model, make_tokenizer
+from helpers import make_model, make_tokenizer, padded_copy
 
 from trl_ltc import cli, diagnostics
 from trl_ltc.diagnostics import (
@@ -202,6 +202,24 @@ class _Completions(HTMLParser):
         if self._current is not None:
             kind = next(k for k in ("kept", "released") for _, c, _ in reversed(self._stack) if k in c)
             self.parts[self._current][kind] += data
+
+
+def test_a_padded_teacher_gives_the_records_of_the_unpadded_one(pair, tmp_path):
+    """One tokenizer, the teacher's head padded with 16 rows: the same samples, margins, advantages, TA-OPD picks."""
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(pair / "student").eval()
+    teacher = AutoModelForCausalLM.from_pretrained(pair / "teacher").eval()
+    options = dict(
+        top_k=TOP_K, top_k_sweep=(2, TOP_K), segmentation="fixed", segment_window=WINDOW, max_completion_length=16,
+        batch_size=3, num_cases=2, progress=False, token_keep_ratio=0.2,
+    )  # fmt: skip
+    records = {}
+    for name, model in (("plain", teacher), ("padded", padded_copy(teacher))):
+        diagnostics.diagnose(student, model, make_tokenizer(), PROMPTS[:3], tmp_path / name, **options)
+        records[name] = (tmp_path / name / "records.jsonl").read_text()
+    assert records["padded"] == records["plain"]
+    assert '"token_margins"' in records["plain"] and '"teachability_kept"' in records["plain"]
 
 
 def test_html_shows_each_completion_once_split_at_the_change_point(run):
@@ -441,8 +459,9 @@ def test_callback_writes_plots_at_save_and_train_end(tmp_path, monkeypatch):
     assert sorted({r["step"] for r in callback.records}) == [2, 3] and len(callback.records) == 9
 
     written = []
-    monkeypatch.setattr(callback, "write", written.append)
-    main, other = SimpleNamespace(is_world_process_zero=True), SimpleNamespace(is_world_process_zero=False)
+    monkeypatch.setattr(callback, "write", lambda output_dir: written.append(output_dir) or {})
+    main = SimpleNamespace(is_world_process_zero=True, global_step=3)
+    other = SimpleNamespace(is_world_process_zero=False, global_step=3)
     callback.on_save(SimpleNamespace(output_dir="a"), main, None)
     callback.on_save(SimpleNamespace(output_dir="b"), other, None)  # only the main process writes
     callback.on_train_end(SimpleNamespace(output_dir="c"), other, None)
@@ -466,9 +485,71 @@ def test_callback_writes_plots_at_save_and_train_end(tmp_path, monkeypatch):
     ] == [1] + [0] * 11
 
 
+def test_callback_keeps_at_most_max_records_trajectories_oldest_first(tmp_path):
+    callback = ReleaseDiagnosticsCallback(max_steps_kept=10, max_records=4)  # 3 trajectories a step
+    for step in (1, 2, 3):
+        callback.add(_hand_records(), step=step)
+    assert [r["step"] for r in callback.records] == [2, 3, 3, 3]
+    assert [r["prompt_id"] for r in callback.records] == ["c", "a", "b", "c"]  # the oldest trajectories went first
+    callback.write(tmp_path)
+    lines = (tmp_path / "release_records.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [2, 3, 3, 3]
+    callback.add(_hand_records(), step=4)
+    callback.add(_hand_records(), step=4)  # two micro-batches of one step: the step's own oldest are dropped
+    assert [r["step"] for r in callback.records] == [4] * 4
+    assert len(ReleaseDiagnosticsCallback(max_records=None)._steps) == 0
+    with pytest.raises(ValueError, match="max_records"):
+        ReleaseDiagnosticsCallback(max_records=0)
+
+
+class _Recorder:
+    """A stand-in for a tracker's writer or module: records every call."""
+
+    def __init__(self, **attributes):
+        self.calls = []
+        self.__dict__.update(attributes)
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: self.calls.append((name, args, kwargs))
+
+
+def _fake_trackers():
+    from transformers.integrations import TensorBoardCallback, WandbCallback
+
+    tensorboard, wandb = object.__new__(TensorBoardCallback), object.__new__(WandbCallback)
+    tensorboard.tb_writer, tensorboard.logging_dir = _Recorder(), None
+    wandb._wandb = _Recorder(run=object(), Image=lambda path: ("image", path))
+    return tensorboard, wandb
+
+
+def test_callback_logs_its_plots_to_the_image_trackers(tmp_path):
+    tensorboard, wandb = _fake_trackers()
+    callback = ReleaseDiagnosticsCallback(trackers=[object(), tensorboard, wandb])
+    callback.add(_hand_records(), step=7)
+    state = SimpleNamespace(is_world_process_zero=True, global_step=7)
+    callback.on_save(SimpleNamespace(output_dir=str(tmp_path)), state, None)
+    tags = ["release_diagnostics/release", "release_diagnostics/margin_curve"]
+    calls = tensorboard.tb_writer.calls
+    images = [(args[0], args[1].shape, args[2], kwargs) for name, args, kwargs in calls if name == "add_image"]
+    expected = [(tag, 7, {"dataformats": "HWC"}) for tag in tags]
+    assert [(tag, step, kwargs) for tag, _, step, kwargs in images] == expected
+    assert all(shape[2] == 3 and shape[0] > 100 for _, shape, _, _ in images)
+    ((name, (logged,), _),) = wandb._wandb.calls
+    assert name == "log" and logged == {
+        "release_diagnostics/release": ("image", str(tmp_path / "release.png")),
+        "release_diagnostics/margin_curve": ("image", str(tmp_path / "margin_curve.png")),
+        "train/global_step": 7,
+    }
+    # A closed writer (after training ended) or a finished wandb run is skipped; untracked runs log nothing.
+    tensorboard.tb_writer, wandb._wandb.run = None, None
+    assert callback.log_images({"release.png": tmp_path / "release.png"}, 8) == []
+    assert ReleaseDiagnosticsCallback().log_images({"release.png": tmp_path / "release.png"}, 8) == []
+
+
 def test_callback_without_records_writes_nothing(tmp_path):
     callback = ReleaseDiagnosticsCallback()
-    callback.on_train_end(SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(is_world_process_zero=True), None)
+    state = SimpleNamespace(is_world_process_zero=True, global_step=0)
+    callback.on_train_end(SimpleNamespace(output_dir=str(tmp_path)), state, None)
     assert list(tmp_path.iterdir()) == []
 
 

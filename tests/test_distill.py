@@ -12,7 +12,7 @@ from helpers import make_model, make_tokenizer
 
 from trl_ltc import TeachabilityGKDConfig, TeachabilityGKDTrainer
 from trl_ltc.cli import main as cli_main
-from trl_ltc.distill import DistillScriptArguments, build_parser, build_trainer
+from trl_ltc.distill import DistillScriptArguments, build_parser, build_trainer, parse_args
 from trl_ltc.prompts import load_prompt_dataset, prepare_prompt_dataset, validate_prompt_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,6 +117,15 @@ def test_flags_override_the_recipe():
     _, args, model_args, _ = _parse("--config", str(MAIN_RECIPE), *flags)
     assert (args.supervision, args.max_steps, model_args.model_name_or_path) == ("full", 3, "/tmp/student")
     assert args.teacher_model_name_or_path == TEACHER  # untouched fields keep the recipe's values
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="transformers accepts bf16 on a bf16-capable GPU")
+def test_a_gpu_recipe_on_cpu_names_the_flags_to_pass(tmp_path):
+    argv = ["distill", "--config", str(MAIN_RECIPE), "--output_dir", str(tmp_path)]
+    with pytest.raises(ValueError, match=r"support bf16.*pass `--bf16 false --use_cpu true`"):
+        cli_main(argv)
+    _, args, _, _ = parse_args([*argv[1:], "--bf16", "false", "--use_cpu", "true"])  # the advice works
+    assert (args.bf16, args.use_cpu, args.supervision) == (False, True, "release")
 
 
 def test_unknown_recipe_field_is_an_error(tmp_path):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import make_model
+from helpers import make_model, padded_copy
 from peft import LoraConfig, get_peft_model
 from trl.trainer.utils import pad
 
@@ -97,8 +97,8 @@ def test_reverse_kl_restores_modes_and_checks_vocabularies(tokenizer, models):
         assert student.training and not teacher.training
     finally:
         student.eval()
-    with pytest.raises(ValueError, match="shared vocabulary"):
-        reverse_kl(student, make_model(len(tokenizer) + 8), _rollouts(tokenizer))
+    with pytest.raises(ValueError, match=r"token id \d+, but the two output heads share only ids below 300"):
+        reverse_kl(student, make_model(300), _rollouts(tokenizer))  # a teacher smaller than the tokenizer
     with pytest.raises(ValueError, match="no completion tokens"):
         reverse_kl(student, teacher, _rollouts(tokenizer, lengths=(0, 0, 0)))
 
@@ -114,3 +114,18 @@ def test_heldout_reverse_kl_is_seeded_and_leaves_the_rng_alone(tokenizer, models
     assert first == second and first > 0
     assert torch.equal(torch.rand(1), after_first)  # the global RNG was restored
     assert heldout_reverse_kl(student, student, tokenizer, PROMPTS, **kwargs) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_padded_heads_give_the_kl_of_the_shared_vocabulary(tokenizer, models):
+    """One tokenizer, heads padded to different sizes: the KL over the shared ids, as for the unpadded pair; a padded
+    student's padded rows are never sampled."""
+    student, teacher = models
+    V, rollouts = len(tokenizer), _rollouts(tokenizer)
+    expected = reverse_kl(student, teacher, rollouts, chunk_size=3)
+    assert reverse_kl(student, padded_copy(teacher), rollouts, chunk_size=3) == expected
+    padded = padded_copy(student)
+    assert reverse_kl(padded, teacher, rollouts, chunk_size=3) == expected
+    with torch.no_grad():
+        padded.lm_head.weight[V:] = 4 * padded.lm_head.weight[:16]  # padded rows that would often be sampled
+    kwargs = {"max_new_tokens": 12, "batch_size": 3, "seed": 3, "progress": False}
+    assert heldout_reverse_kl(padded, teacher, tokenizer, PROMPTS * 4, **kwargs) > 0

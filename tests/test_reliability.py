@@ -271,12 +271,29 @@ def test_non_finite_student_logits_stop_before_the_update(tmp_path, tokenizer, v
         ({"release_top_k": 1}, "`release_top_k` must be >= 2"),
         ({"supervision": "fixed_prefix", "fixed_prefix_length": -3}, "`fixed_prefix_length` must be a positive"),
         ({"max_prompt_length": 0}, "`max_prompt_length` must be >= 1"),
+        ({"release_diagnostics_max_records": 0}, "`release_diagnostics_max_records` must be >= 1"),
     ],
 )
 def test_config_errors_name_the_field_and_the_allowed_values(tmp_path, overrides, message):
     with pytest.raises(ValueError) as error:
         _config(tmp_path, **overrides)
     assert message in str(error.value)
+
+
+def test_beta_without_the_parent_loss_warns_once_naming_both_fields(tmp_path, tokenizer):
+    def beta_warnings(**overrides):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            config = _config(tmp_path, **overrides)
+            TeachabilityGKDTrainer(
+                model=make_model(len(tokenizer), seed=1), teacher_model=make_model(len(tokenizer), seed=2),
+                args=config, train_dataset=_prompts(), processing_class=tokenizer,
+            )  # fmt: skip
+        return [str(w.message) for w in caught if "beta" in str(w.message)]
+
+    (message,) = beta_warnings(beta=0.5)  # once: from the config, not again from the trainer
+    assert "`beta=0.5` has no effect with `loss_type='advantage'`" in message and "loss_type='parent'" in message
+    assert beta_warnings(beta=0.5, loss_type="parent") == [] and beta_warnings() == []
 
 
 def test_top_k_above_the_vocabulary_fails_before_the_models_load(tmp_path, tokenizer, monkeypatch):
@@ -474,6 +491,33 @@ def test_killed_run_resumes_with_the_losses_of_an_uninterrupted_run(tmp_path):
         ):  # fmt: skip
             assert resumed[step][name] == expected[step][name], (step, name)
     assert len({expected[step]["release/kept_token_frac"] for step in expected}) > 1  # the permutation did vary
+
+
+@pytest.mark.parametrize("policy", ["full", "random_release"])
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_resume_at_an_epoch_boundary_and_mid_epoch_is_exact(tmp_path, policy, accumulation):
+    """8 prompts in generation batches of 4: an epoch is 2 steps. Resuming (in a fresh process) from checkpoint-2, an
+    epoch boundary, and from checkpoint-3, mid-way through the second epoch, gives every later step of an
+    uninterrupted run exactly: the second epoch's shuffle order must not restart from the first epoch's."""
+    flags = ("--prompts", "8", "--supervision", policy, "--gradient-accumulation-steps", str(accumulation))
+    whole = tmp_path / "whole"
+    code, output = _finish(_launch(whole, *flags))
+    assert code == 0, output[-3000:]
+    runs = {}
+    for step in (2, 3):
+        shutil.copytree(whole / f"checkpoint-{step}", tmp_path / f"from-{step}" / f"checkpoint-{step}")
+        runs[step] = _launch(tmp_path / f"from-{step}", *flags, "--resume")
+    for step, process in runs.items():
+        code, output = _finish(process)
+        assert code == 0, output[-3000:]
+    expected = {entry["step"]: entry for entry in json.loads((whole / "log.json").read_text())}
+    assert sorted(expected) == [1, 2, 3, 4]
+    names = sorted(set(expected[4]) - {"step_time"})
+    assert {"loss", "grad_norm", "release/kept_token_frac", "release/release_position", "epoch"} <= set(names)
+    for start in runs:
+        resumed = {entry["step"]: entry for entry in json.loads((tmp_path / f"from-{start}" / "log.json").read_text())}
+        for step in range(start + 1, 5):
+            assert {n: resumed[step].get(n) for n in names} == {n: expected[step][n] for n in names}, (start, step)
 
 
 def test_keyboard_interrupt_mid_step_leaves_the_last_checkpoint_intact(tmp_path):

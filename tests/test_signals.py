@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import make_model
+from helpers import make_model, padded_copy
 
 from trl_ltc.signals import OutputHead, signals_from_hidden, token_signals
 from trl_ltc.teachability import teachability_features
@@ -130,11 +130,35 @@ def test_signal_errors():
     ids, mask = torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3)
     with pytest.raises(ValueError, match="top_k"):
         signals_from_hidden(hidden, hidden, ids, mask, head, head, top_k=11)
-    with pytest.raises(ValueError, match="vocabulary"):
-        signals_from_hidden(hidden, hidden, ids, mask, head, OutputHead(torch.randn(9, 4)), top_k=2)
+    with pytest.raises(ValueError, match="Token id 9 has no row in the teacher's output head: .* 10 rows .* 9"):
+        signals_from_hidden(hidden, hidden, ids + 9, mask, head, OutputHead(torch.randn(9, 4)), top_k=2)
     bad = hidden.clone()
     bad[0, 1, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="teacher"):
         signals_from_hidden(hidden, bad, ids, mask, head, head, top_k=2)
     with pytest.raises(FloatingPointError, match="student"):
         signals_from_hidden(bad, hidden, ids, mask, head, head, top_k=2)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_padded_heads_give_the_signals_of_the_shared_vocabulary(chunk_size):
+    """One tokenizer, heads padded to different sizes: every signal (log-probs, margins, TA-OPD features, entropy,
+    gradient) equals the one of the unpadded pair, both distributions taken over the shared ids."""
+    student, teacher = make_model(VOCAB, seed=1), make_model(VOCAB, seed=2)
+    ids, attn, cmask = _batch(seed=6)
+    options = dict(top_k=5, temperature=0.8, chunk_size=chunk_size, feature_k=6)
+    want = token_signals(student, teacher, ids, attn, cmask, **options)
+    want.student_logprobs.sum().backward()
+    grads = {n: p.grad.clone() for n, p in student.named_parameters()}
+    for pair in ((student, padded_copy(teacher)), (padded_copy(student), teacher)):
+        pair[0].zero_grad()
+        got = token_signals(*pair, ids, attn, cmask, **options)
+        for name in ("student_logprobs", "teacher_logprobs", "margins", "student_entropy"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+        for field, a, b in zip(got.features._fields, got.features, want.features):
+            assert torch.equal(a, b), field
+        got.student_logprobs.sum().backward()
+        for name, param in pair[0].named_parameters():
+            rows = param.shape[0] if param.shape == grads[name].shape else VOCAB  # the padded matrices: shared rows
+            torch.testing.assert_close(param.grad[:rows], grads[name], rtol=1e-5, atol=1e-7, msg=name)
+            assert (param.grad[rows:] == 0).all(), name  # the padded rows get no gradient

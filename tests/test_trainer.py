@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from helpers import make_model, make_tokenizer
+from helpers import make_model, make_tokenizer, padded_copy
 
 from trl_ltc import TeachabilityGKDConfig, TeachabilityGKDTrainer
 from trl_ltc.config import SUPERVISIONS
@@ -66,7 +66,7 @@ def _config(tmp_path, **overrides):
     return TeachabilityGKDConfig(**kwargs)
 
 
-def _trainer(tmp_path, tokenizer, student=None, teacher=None, **overrides):
+def _trainer(tmp_path, tokenizer, student=None, teacher=None, teacher_processing_class=None, **overrides):
     vocab = len(tokenizer)
     return TeachabilityGKDTrainer(
         model=student if student is not None else make_model(vocab, seed=1),
@@ -74,6 +74,7 @@ def _trainer(tmp_path, tokenizer, student=None, teacher=None, **overrides):
         args=_config(tmp_path, **overrides),
         train_dataset=_prompts(),
         processing_class=tokenizer,
+        teacher_processing_class=teacher_processing_class,
     )
 
 
@@ -110,6 +111,26 @@ def test_release_diagnostics_are_written_during_training(tmp_path, tokenizer, po
         assert all(sum(r["teachability_kept"]) == r["kept_tokens"] > 0 for r in records)
     else:
         assert not (tmp_path / "teachability.png").exists() and "teachability_kept" not in records[0]
+
+
+def test_release_diagnostics_are_capped_and_logged_to_the_image_trackers(tmp_path, tokenizer):
+    from test_diagnostics import _fake_trackers
+
+    tensorboard, _ = _fake_trackers()
+    writer = tensorboard.tb_writer
+    trainer = _trainer(
+        tmp_path, tokenizer, release_diagnostics_steps=2, release_diagnostics_max_records=3, save_strategy="steps",
+        save_steps=1,
+    )  # fmt: skip
+    # Where `report_to="tensorboard"` puts it (before the trainer's own callbacks), with a recording writer: it
+    # closes its writer at the end of training before the diagnostics would log the final plots again.
+    trainer.callback_handler.callbacks.insert(1, tensorboard)
+    trainer.train()
+    assert [r["step"] for r in trainer.release_diagnostics.records] == [1, 1, 1]  # 8 trajectories made, 3 kept
+    lines = (tmp_path / "release_records.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    images = [(args[0], args[2]) for name, args, _ in writer.calls if name == "add_image"]
+    assert images == [(f"release_diagnostics/{name}", step) for step in (1, 2) for name in ("release", "margin_curve")]
 
 
 def _fixed_batch(tokenizer, seed=0):
@@ -419,10 +440,106 @@ def test_token_teachability_scores_train(tmp_path, tokenizer, score):
         assert log["teachability/kept_token_frac"] == log["release/kept_token_frac"]
 
 
+def test_full_supervision_with_the_parent_loss_is_trl_distillation_trainer(tmp_path, tokenizer):
+    """Same samples, losses and gradients as `trl.DistillationTrainer`, over three epochs (one step each): the
+    epoch-indexed sampler keeps the parent's prompt order."""
+    from trl import DistillationConfig, DistillationTrainer
+
+    V = len(tokenizer)
+    config = _config(tmp_path / "ours", supervision="full", loss_type="parent", max_steps=3, learning_rate=1e-2)
+    shared = (
+        "max_steps per_device_train_batch_size gradient_accumulation_steps max_completion_length report_to "
+        "logging_steps bf16 use_cpu gradient_checkpointing learning_rate save_strategy"
+    ).split()
+    parent_config = DistillationConfig(str(tmp_path / "parent"), **{name: getattr(config, name) for name in shared})
+    logs = []
+    for trainer_class, args in ((DistillationTrainer, parent_config), (TeachabilityGKDTrainer, config)):
+        trainer = trainer_class(
+            model=make_model(V, seed=1), teacher_model=make_model(V, seed=2), args=args, train_dataset=_prompts(4),
+            processing_class=tokenizer,
+        )  # fmt: skip
+        trainer.train()
+        logs.append([log for log in trainer.state.log_history if "loss" in log])
+    parent, ours = logs
+    assert len(parent) == len(ours) == 3 and [log["epoch"] for log in ours] == [1, 2, 3]
+    for p, o in zip(parent, ours):
+        exact = [name for name in p if name.startswith("completions/")] + ["loss", "grad_norm", "num_tokens"]
+        assert {n: o[n] for n in exact} == {n: p[n] for n in exact}
+        assert o["entropy"] == pytest.approx(p["entropy"], rel=1e-6)  # ours comes from the signals pass
+
+
+PADDED_CASES = [(policy, {}) for policy in SUPERVISIONS] + [
+    ("release", {"loss_type": "parent"}),
+    ("release", {"rollout_truncation": "online", "online_check_tokens": 4}),
+]
+
+
+@pytest.mark.parametrize("policy, overrides", PADDED_CASES)
+def test_a_padded_teacher_trains_exactly_like_the_unpadded_one(tmp_path, tokenizer, policy, overrides):
+    """One tokenizer, the teacher's embeddings and head padded with 16 rows: the same samples, signals, losses,
+    gradients and metrics as with the unpadded teacher (both distributions over the 400 shared ids)."""
+    V = len(tokenizer)
+    teacher = make_model(V, seed=2)
+    padded = padded_copy(teacher)
+    logs = {}
+    for name, model in (("plain", teacher), ("padded", padded)):
+        trainer = _trainer(
+            tmp_path / name, tokenizer, teacher=model, supervision=policy, token_keep_ratio=0.3,
+            teacher_processing_class=tokenizer, **overrides,
+        )  # fmt: skip
+        assert trainer.vocab_size == V
+        trainer.train()
+        logs[name] = [{k: v for k, v in log.items() if "time" not in k} for log in trainer.state.log_history[:-1]]
+    assert padded.config.vocab_size == V + 16  # the parent was shown the student's size only while it was built
+    assert len(logs["padded"]) == 2 and logs["padded"] == logs["plain"]
+
+
+def test_a_padded_student_never_samples_its_padded_rows(tmp_path, tokenizer):
+    V = len(tokenizer)
+    student = padded_copy(make_model(V, seed=1))
+    with torch.no_grad():
+        student.lm_head.weight[V:] = 4 * student.lm_head.weight[:16]  # padded rows that would often be sampled
+    trainer = _trainer(tmp_path, tokenizer, student=student, supervision="token_teachability", token_keep_ratio=0.3)
+    generate, sampled = trainer._generate_single_turn, []
+
+    def recording(*args, **kwargs):
+        completions = generate(*args, **kwargs)
+        sampled.extend(token for row in completions for token in row)
+        return completions
+
+    trainer._generate_single_turn = recording
+    trainer.train()
+    assert len(sampled) > 50 and max(sampled) < V
+    assert all(math.isfinite(log["loss"]) for log in trainer.state.log_history if "loss" in log)
+
+
+def _padded_tokenizer(tokenizer, extra):
+    other = copy.deepcopy(tokenizer)
+    other.add_tokens([f"<extra_{i}>" for i in range(extra)])
+    return other
+
+
+def test_vocabulary_guards(tmp_path, tokenizer):
+    V = len(tokenizer)
+    # A head smaller than the tokenizer: the ids from V - 8 on have no teacher row.
+    smaller = rf"{V} tokens.*vocab_size {V} and the teacher {V - 8}.*teacher's output head is id {V - 8}"
+    with pytest.raises(ValueError, match=smaller):
+        _trainer(tmp_path, tokenizer, teacher=make_model(V - 8, seed=2))
+    larger = rf"{V + 4} tokens.*student has vocab_size {V}.*student's output head is id {V}"
+    with pytest.raises(ValueError, match=larger):
+        _trainer(tmp_path, _padded_tokenizer(tokenizer, 4), student=make_model(V), teacher=make_model(V + 16))
+    # Different tokenizers, even with padded heads: both sizes and the first differing token.
+    other = make_tokenizer(vocab_size=V, corpus_seed=1)
+    with pytest.raises(ValueError, match=rf"vocab_size {V} .*vocab_size {V + 16} .*first differing token is id \d+: "):
+        _trainer(tmp_path, tokenizer, teacher=make_model(V + 16, seed=2), teacher_processing_class=other)
+    # The teacher's tokenizer has tokens the student's has not: not the same tokenizer.
+    with pytest.raises(ValueError, match=rf"first differing token is id {V}: None \(student\) vs '<extra_0>'"):
+        _trainer(tmp_path, tokenizer, teacher=make_model(V + 16, seed=2),
+                 teacher_processing_class=_padded_tokenizer(tokenizer, 1))  # fmt: skip
+
+
 def test_guards(tmp_path, tokenizer):
     V = len(tokenizer)
-    with pytest.raises(ValueError, match=r"vocab_size 400.*401"):
-        _trainer(tmp_path, tokenizer, teacher=make_model(V + 1, seed=2))
     other = make_tokenizer(vocab_size=V, corpus_seed=1)
     with pytest.raises(ValueError, match="first differing token is id"):
         TeachabilityGKDTrainer(
@@ -433,9 +550,13 @@ def test_guards(tmp_path, tokenizer):
             processing_class=tokenizer,
             teacher_processing_class=other,
         )
-    with pytest.raises(ValueError, match=r"local `teacher_model`.*full, fixed_prefix, adv_std_release"):
+    with pytest.raises(ValueError) as missing:
         TeachabilityGKDTrainer(model=make_model(V), args=_config(tmp_path), train_dataset=_prompts(),
                                processing_class=tokenizer)  # fmt: skip
+    message = str(missing.value)
+    assert "needs `teacher_model`; got None" in message and "model object, or a Hub id or local path" in message
+    assert "`teacher_model_init_kwargs`" in message and "served by another process is not supported" in message
+    assert "remote" not in message
     with pytest.raises(ValueError, match="release_top_k"):
         _trainer(tmp_path, tokenizer, release_top_k=V + 1)
     with pytest.raises(TypeError, match="TeachabilityGKDConfig"):

@@ -566,7 +566,7 @@ def _check_runs(comparison: Comparison) -> None:
     """Parse every run's recipe as `trl-ltc distill` will, so that a bad field fails now, not an hour in."""
     import tempfile
 
-    from .distill import build_parser
+    from .distill import parse_args
 
     with tempfile.TemporaryDirectory() as scratch:
         for policy in comparison.policies:
@@ -574,7 +574,7 @@ def _check_runs(comparison: Comparison) -> None:
             recipe = Path(scratch) / f"{policy.name}.yaml"
             recipe.write_text(yaml.safe_dump(run.distill_fields(placeholder=1), sort_keys=False))
             try:
-                build_parser().parse_args_and_config(["--config", str(recipe)])
+                parse_args(["--config", str(recipe)])
             except (ValueError, TypeError) as error:
                 raise CompareConfigError(f"policy {policy.name!r} ({policy.fields}): {error}") from None
             except SystemExit:

@@ -1,6 +1,7 @@
 """`TeachabilityGKDConfig`: `trl.DistillationConfig` plus where the OPD supervision goes."""
 
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, fields
 
 from trl import DistillationConfig
 
@@ -47,14 +48,20 @@ class TeachabilityGKDConfig(DistillationConfig):
         release_seed (`int`, *optional*): seed of the `random_release` permutation and of `token_score="random"`;
             defaults to `seed`.
         loss_type (`str`, defaults to `"advantage"`): `"advantage"` is the sampled-token OPD loss above; `"parent"`
-            is `trl.DistillationTrainer`'s generalized JSD (see `beta`) with the supervision weights applied per token.
+            is `trl.DistillationTrainer`'s generalized JSD (see `beta`) with the supervision weights applied per token,
+            so `supervision="full"` with `loss_type="parent"` is exactly `trl.DistillationTrainer`. `beta` has no
+            effect with `"advantage"` (setting it warns).
         signal_chunk_size (`int`, *optional*): completion positions projected to the vocabulary at a time when the
             per-token signals are computed; by default about 64M logits per chunk.
         max_prompt_length (`int`, *optional*): prompts longer than this many tokens (after the chat template) are
             truncated from the left, keeping their end (the question and the generation prompt), with one warning.
             `None` (default) keeps every prompt whole.
         release_diagnostics_steps (`int`, defaults to `10`): the release records of the last N steps are kept and
-            plotted into `output_dir` at each save and at the end of training (`trl_ltc.diagnostics`); 0 turns it off.
+            plotted into `output_dir` at each save and at the end of training (`trl_ltc.diagnostics`), and the plots
+            are logged to the `report_to` trackers that take images (wandb, tensorboard); 0 turns it off.
+        release_diagnostics_max_records (`int`, defaults to `256`): at most this many trajectories are kept (the
+            oldest dropped first), so `release_records.jsonl` stays bounded: about 30 bytes per completion token,
+            e.g. ~8 MB for 256 trajectories of 1,000 tokens.
         token_score, token_keep_ratio, token_top_k, token_min_keep: TA-OPD selection, see the fields' help.
         rollout_truncation (`str`, defaults to `"none"`): `"online"` runs the release rule while the student
             generates and stops each trajectory once its supervision is released (formula 9 of the design): the
@@ -121,6 +128,13 @@ class TeachabilityGKDConfig(DistillationConfig):
             "margin_curve.png and release_records.jsonl into output_dir at each save and at the end (0: off)."
         },
     )
+    release_diagnostics_max_records: int = field(
+        default=256,
+        metadata={
+            "help": "At most this many trajectories are kept for the release diagnostics (oldest dropped first): "
+            "bounds release_records.jsonl to about 30 bytes per completion token of the kept trajectories."
+        },
+    )
     token_score: str = field(
         default="teachability",
         metadata={
@@ -175,6 +189,19 @@ class TeachabilityGKDConfig(DistillationConfig):
             )
         if self.release_diagnostics_steps < 0:
             raise ValueError(f"`release_diagnostics_steps` must be >= 0 (0 turns it off); got {self.release_diagnostics_steps}.")
+        if self.release_diagnostics_max_records < 1:
+            raise ValueError(
+                f"`release_diagnostics_max_records` must be >= 1; got {self.release_diagnostics_max_records}."
+            )
+        beta_default = next(f.default for f in fields(DistillationConfig) if f.name == "beta")
+        if self.loss_type == "advantage" and self.beta != beta_default:
+            warnings.warn(
+                f"`beta={self.beta}` has no effect with `loss_type='advantage'`: `beta` chooses the parent's "
+                "generalized JSD, used only with `loss_type='parent'`. Set `loss_type='parent'` to use it, or leave "
+                "`beta` unset.",
+                UserWarning,
+                stacklevel=3,
+            )
         if self.segment_window < 1:
             raise ValueError(f"`segment_window` must be >= 1; got {self.segment_window}.")
         if self.supervision == "fixed_prefix" and (self.fixed_prefix_length is None or self.fixed_prefix_length <= 0):

@@ -1090,11 +1090,11 @@ def diagnose(
 
     from .generation import sample_completions
     from .segmentation import segment_completions
-    from .signals import token_signals
+    from .signals import shared_vocab_size, token_signals
     from .supervision import supervision_weights
     from .teachability import TeachabilityFeatures
 
-    vocab = student.get_output_embeddings().weight.shape[0]
+    vocab = shared_vocab_size(student, teacher)  # the token ids both output heads have (they may be padded)
     for k in (top_k, *top_k_sweep):
         if not 2 <= k <= vocab:
             raise ValueError(
@@ -1110,7 +1110,8 @@ def diagnose(
     student.eval()
     teacher.eval()
     rollouts = sample_completions(
-        student, tokenizer, prompts, max_completion_length, batch_size, temperature, seed=seed, progress=progress
+        student, tokenizer, prompts, max_completion_length, batch_size, temperature, seed=seed, progress=progress,
+        vocab_size=vocab,
     )
     sweep = sorted(set(top_k_sweep))
     records, sweep_margins = [], {k: [] for k in sweep}
@@ -1469,25 +1470,42 @@ def _compact(record: dict) -> dict:
 class ReleaseDiagnosticsCallback(TrainerCallback):
     """Keep the trajectory records of the last ``max_steps_kept`` training steps; plot them at saves and at the end.
 
-    The trainer hands over each micro-batch's records (:func:`trajectory_records`) with :meth:`add`. On
-    ``on_save`` and ``on_train_end`` the main process (``state.is_world_process_zero``) writes ``release.png`` and
+    The trainer hands over each micro-batch's records (:func:`trajectory_records`) with :meth:`add`. At most
+    ``max_records`` trajectories are kept, the oldest dropped first, so memory and ``release_records.jsonl`` stay
+    bounded however large the batches (about 30 bytes per completion token in the file). On ``on_save`` and
+    ``on_train_end`` the main process (``state.is_world_process_zero``) writes ``release.png`` and
     ``margin_curve.png`` (and the records as ``release_records.jsonl``; ``teachability.png`` too when the records
     carry ``teachability_kept``, as with ``supervision="token_teachability"``) into ``args.output_dir``, or into
-    ``args.output_dir/subdir`` when ``subdir`` is given. Each process keeps only its own records, so the plots show
-    the main process's share of the batches.
+    ``args.output_dir/subdir`` when ``subdir`` is given, and logs the plots to the image-capable trackers among
+    ``trackers`` (:meth:`log_images`). Each process keeps only its own records, so the plots show the main process's
+    share of the batches.
 
     Args:
         max_steps_kept: how many of the most recent distinct steps are kept.
         subdir: optional sub-directory of the output directory for the files.
         bins: relative-position bins of the margin curve.
+        max_records: how many trajectories are kept at most (``None``: no limit).
+        trackers: the trainer's callbacks (a live list is fine); its ``WandbCallback`` and ``TensorBoardCallback``
+            (those of ``report_to="wandb"`` / ``"tensorboard"``) receive the plots as images.
     """
 
-    def __init__(self, max_steps_kept: int = 20, subdir: str | None = None, bins: int = DEFAULT_BINS):
+    def __init__(
+        self,
+        max_steps_kept: int = 20,
+        subdir: str | None = None,
+        bins: int = DEFAULT_BINS,
+        max_records: int | None = 256,
+        trackers: Sequence = (),
+    ):
         if max_steps_kept < 1:
             raise ValueError(f"max_steps_kept must be >= 1; got {max_steps_kept}.")
+        if max_records is not None and max_records < 1:
+            raise ValueError(f"max_records must be >= 1 or None; got {max_records}.")
         self.max_steps_kept = max_steps_kept
+        self.max_records = max_records
         self.subdir = subdir
         self.bins = bins
+        self.trackers = trackers
         self._steps: OrderedDict[int, list[dict]] = OrderedDict()
 
     def add(self, records: Sequence[dict], step: int) -> None:
@@ -1495,6 +1513,14 @@ class ReleaseDiagnosticsCallback(TrainerCallback):
         self._steps.setdefault(int(step), []).extend(_compact(dict(r, step=int(step))) for r in records)
         while len(self._steps) > self.max_steps_kept:
             self._steps.popitem(last=False)
+        excess = sum(map(len, self._steps.values())) - (self.max_records or math.inf)
+        while excess > 0:  # drop the oldest trajectories
+            oldest = next(iter(self._steps.values()))
+            dropped = min(excess, len(oldest))
+            del oldest[:dropped]
+            excess -= dropped
+            if not oldest:
+                self._steps.popitem(last=False)
 
     @property
     def records(self) -> list[dict]:
@@ -1518,9 +1544,36 @@ class ReleaseDiagnosticsCallback(TrainerCallback):
             files["teachability.png"] = plot_teachability(records, directory / "teachability.png", self.bins)
         return files
 
+    def log_images(self, files: dict[str, Path], step: int) -> list[str]:
+        """Log the ``.png`` files among ``files`` to the image-capable trackers among ``self.trackers``, tagged
+        ``release_diagnostics/<name>`` at training step ``step``; returns the names of the trackers logged to.
+
+        ``WandbCallback``: ``wandb.log`` of ``wandb.Image``s with ``train/global_step`` (when its run is active).
+        ``TensorBoardCallback``: ``SummaryWriter.add_image`` (while its writer is open; it closes at the end of
+        training, before this callback's ``on_train_end``, so the last save's plots are the last ones logged there).
+        """
+        from transformers.integrations import TensorBoardCallback, WandbCallback
+
+        images = {f"release_diagnostics/{Path(n).stem}": path for n, path in files.items() if n.endswith(".png")}
+        logged = []
+        for tracker in self.trackers if images else ():
+            if isinstance(tracker, WandbCallback) and getattr(tracker._wandb, "run", None) is not None:
+                wandb = tracker._wandb
+                wandb.log({**{tag: wandb.Image(str(path)) for tag, path in images.items()}, "train/global_step": step})
+                logged.append("wandb")
+            elif isinstance(tracker, TensorBoardCallback) and tracker.tb_writer is not None:
+                import matplotlib.image
+
+                for tag, path in images.items():
+                    pixels = matplotlib.image.imread(path)[..., :3]  # float RGB in [0, 1], height x width x 3
+                    tracker.tb_writer.add_image(tag, pixels, step, dataformats="HWC")
+                tracker.tb_writer.flush()
+                logged.append("tensorboard")
+        return logged
+
     def _maybe_write(self, args, state) -> None:
         if state.is_world_process_zero and args.output_dir:
-            self.write(args.output_dir)
+            self.log_images(self.write(args.output_dir), state.global_step)
 
     def on_save(self, args, state, control, **kwargs):
         self._maybe_write(args, state)

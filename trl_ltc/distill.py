@@ -68,6 +68,23 @@ def build_parser(prog: str = "trl-ltc distill") -> TrlParser:
     return TrlParser(DATACLASS_TYPES, prog=prog, description=DESCRIPTION)
 
 
+def parse_args(argv: list[str] | None = None):
+    """`build_parser().parse_args_and_config(argv)`: the four dataclasses, in order.
+
+    GPU recipes set `bf16: true`; on a machine without a bf16-capable GPU transformers refuses it with a message that
+    does not say how to override a recipe, so the error here names the flags that do.
+    """
+    try:
+        return build_parser().parse_args_and_config(argv)
+    except ValueError as error:
+        if "support bf16" not in str(error):  # transformers: "Your setup doesn't support bf16/gpu."
+            raise
+        raise ValueError(
+            f"{error} To run a GPU recipe (`bf16: true`) on this machine, pass `--bf16 false --use_cpu true` (flags "
+            "override the recipe), or set `bf16: false` and `use_cpu: true` in the YAML."
+        ) from error
+
+
 def load_prompts(script_args: DistillScriptArguments, training_args: TeachabilityGKDConfig, dataset_args):
     """The train (and, when `eval_strategy` is set, eval) prompt datasets, validated and with a `prompt` column."""
     evaluate = training_args.eval_strategy != "no"
@@ -121,7 +138,7 @@ def load_teacher(argv: list[str]):
     to `build_trainer(..., teacher_model=...)` so that several trainers share one teacher in memory."""
     from trl.trainer.utils import create_model_from_path
 
-    _, training_args, model_args, _ = build_parser().parse_args_and_config(argv)
+    _, training_args, model_args, _ = parse_args(argv)
     if training_args.teacher_model_name_or_path is None:
         raise ValueError("Set the teacher with `--teacher_model_name_or_path` (a Hub id or a local directory).")
     kwargs = teacher_init_kwargs(training_args, model_args)
@@ -141,7 +158,7 @@ def build_trainer(argv: list[str] | None = None, teacher_model=None):
     """
     from .trainer import TeachabilityGKDTrainer
 
-    script_args, training_args, model_args, dataset_args = build_parser().parse_args_and_config(argv)
+    script_args, training_args, model_args, dataset_args = parse_args(argv)
     if model_args.model_name_or_path is None:
         raise ValueError("Set the student with `--model_name_or_path` (a Hub id or a local directory).")
     if training_args.teacher_model_name_or_path is None and teacher_model is None:

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from .generation import Rollouts, eos_ids, sample_completions
-from .signals import OutputHead, last_hidden_state
+from .signals import OutputHead, last_hidden_state, shared_heads, shared_vocab_size
 
 __all__ = [
     "ANSWER_TYPES",
@@ -88,18 +88,22 @@ def token_reverse_kl(
     `rollouts.completion_ids`, 0 outside `rollouts.completion_mask`.
 
     Args:
-        student, teacher: causal LMs (or PEFT models) sharing a vocabulary; they may sit on different devices.
+        student, teacher: causal LMs (or PEFT models) sharing a tokenizer; they may sit on different devices. Output
+            heads padded to different sizes are compared over the token ids both have (`trl_ltc.signals.shared_heads`).
         rollouts: prompts and completions (`trl_ltc.generation.Rollouts`).
         chunk_size: positions projected to the vocabulary at a time (default: about 16M logits per chunk).
         temperature: both distributions are taken at this temperature (logits / temperature).
         batch_size: rollouts run through the backbones at a time (default: all of them at once).
     """
-    head_s, head_t = OutputHead.of(student), OutputHead.of(teacher)
+    head_s, head_t = shared_heads(OutputHead.of(student), OutputHead.of(teacher))
     vocab = head_s.weight.shape[0]
-    if head_t.weight.shape[0] != vocab:
+    completion_ids = rollouts.completion_ids[rollouts.completion_mask.bool()]
+    if completion_ids.numel() and int(completion_ids.max()) >= vocab:
         raise ValueError(
-            f"The student's output head has {vocab} rows but the teacher's has {head_t.weight.shape[0]}; the KL "
-            "compares the two distributions token by token and needs one shared vocabulary."
+            f"A completion holds token id {int(completion_ids.max())}, but the two output heads share only ids below "
+            f"{vocab} (the student's head has {OutputHead.of(student).weight.shape[0]} rows, the teacher's "
+            f"{OutputHead.of(teacher).weight.shape[0]}); the KL compares the two distributions over one shared "
+            "vocabulary."
         )
     chunk_size = chunk_size or max(1, _LOGITS_PER_CHUNK // vocab)
     rows = rollouts.prompt_ids.shape[0]
@@ -212,7 +216,10 @@ def heldout_reverse_kl(
         chunk_size: positions projected to the vocabulary at a time.
         progress: show a progress bar while sampling.
     """
-    rollouts = student_rollouts(student, tokenizer, prompts, max_new_tokens, batch_size, seed, temperature, progress)
+    vocab_size = shared_vocab_size(student, teacher)
+    rollouts = student_rollouts(
+        student, tokenizer, prompts, max_new_tokens, batch_size, seed, temperature, progress, vocab_size=vocab_size
+    )
     return reverse_kl(
         student, teacher, rollouts, chunk_size=chunk_size, temperature=temperature, batch_size=batch_size
     )
@@ -228,9 +235,10 @@ def student_rollouts(
     temperature: float = 1.0,
     progress: bool = True,
     do_sample: bool = True,
+    vocab_size: int | None = None,
 ) -> Rollouts:
     """`sample_completions` in eval mode (no dropout), seeded, with the global random state restored afterwards;
-    `do_sample=False` decodes greedily."""
+    `do_sample=False` decodes greedily; `vocab_size` limits the sampled ids (see `sample_completions`)."""
     with torch.random.fork_rng(), _eval_mode(student):
         return sample_completions(
             student,
@@ -242,6 +250,7 @@ def student_rollouts(
             do_sample=do_sample,
             seed=seed,
             progress=progress,
+            vocab_size=vocab_size,
         )
 
 
@@ -373,8 +382,9 @@ def evaluate_model(
     start = time.perf_counter()
     repeated = [prompt for prompt in prompts for _ in range(num_samples)]
     if rollouts is None:
+        vocab_size = shared_vocab_size(model, teacher) if teacher is not None else None
         rollouts = student_rollouts(
-            model, tokenizer, repeated, max_new_tokens, batch_size, seed, temperature, progress, do_sample
+            model, tokenizer, repeated, max_new_tokens, batch_size, seed, temperature, progress, do_sample, vocab_size
         )
     elif rollouts.completion_ids.shape[0] != len(repeated):
         raise ValueError(f"{rollouts.completion_ids.shape[0]} rollouts for {len(repeated)} (problem, sample) pairs.")

@@ -60,11 +60,13 @@ def sample_completions(
     do_sample: bool = True,
     seed: int | None = 0,
     progress: bool = True,
+    vocab_size: int | None = None,
 ) -> Rollouts:
     """Sample one completion per prompt from `model`, in batches, with a progress bar.
 
     Completions are cut after the first EOS (kept, as in `trl.DistillationTrainer`); `seed` makes sampling
-    reproducible.
+    reproducible. With `vocab_size`, only token ids below it are sampled: the rows of a padded output head beyond the
+    ids a teacher's head also has are suppressed.
     """
     if seed is not None:
         torch.manual_seed(seed)
@@ -72,6 +74,8 @@ def sample_completions(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stop = eos_ids(model, tokenizer)
     prompt_ids = tokenize_prompts(tokenizer, prompts)
+    rows = model.get_output_embeddings().weight.shape[0]
+    suppress = list(range(vocab_size, rows)) if vocab_size is not None and vocab_size < rows else None
     prompt_rows, completion_rows = [], []
     for start in tqdm(range(0, len(prompt_ids), batch_size), desc="Sampling", disable=not progress):
         batch = [torch.tensor(ids) for ids in prompt_ids[start : start + batch_size]]
@@ -87,6 +91,7 @@ def sample_completions(
             top_k=0,
             pad_token_id=pad_id,
             eos_token_id=stop,
+            suppress_tokens=suppress,
         )[:, ids.shape[1] :].cpu()
         completion_rows += [_cut_after_eos(row, stop) for row in out]
         prompt_rows.extend(batch)

@@ -103,10 +103,12 @@ def _project(hidden: torch.Tensor, head: OutputHead, temperature: float, chunk_s
 
 
 class TransformersBlocks:
-    """Student blocks from ``model.generate``, continuing from its KV cache; top-K from the raw step logits."""
+    """Student blocks from ``model.generate``, continuing from its KV cache; top-K from the raw step logits (over the
+    first ``vocab_size`` token ids, when given: the ids the teacher's head also has)."""
 
-    def __init__(self, model, generation_config, top_k: int):
+    def __init__(self, model, generation_config, top_k: int, vocab_size: int | None = None):
         self.model = model
+        self.vocab_size = vocab_size
         self.config = copy.deepcopy(generation_config)
         self.config.return_dict_in_generate = True
         self.config.output_logits = True  # unprocessed logits: the top-K the training forward sees
@@ -120,7 +122,7 @@ class TransformersBlocks:
             input_ids=ids, attention_mask=mask, past_key_values=self.cache, generation_config=self.config
         )
         self.cache = out.past_key_values
-        support = torch.stack([logits.topk(self.top_k, dim=-1).indices for logits in out.logits], dim=1)
+        support = torch.stack([x[:, : self.vocab_size].topk(self.top_k, dim=-1).indices for x in out.logits], dim=1)
         return out.sequences[:, ids.shape[1] :], support
 
     def keep(self, rows: torch.Tensor) -> None:
@@ -133,13 +135,22 @@ class VLLMBlocks:
     vLLM generates ``num_new`` more tokens for each row from its tokens so far (prompt and completion, without
     padding); the student's top-K at the new positions comes from the training student's own forward pass over
     them, with a KV cache kept across blocks. Needs ``vllm_mode="colocate"`` with ``vllm_tensor_parallel_size=1``
-    (each process generates its own rows, whose number differs between processes).
+    (each process generates its own rows, whose number differs between processes). The top-K is over the first
+    ``vocab_size`` token ids, when given.
     """
 
-    def __init__(self, vllm_generation, student, top_k: int, pad_token_id: int, chunk_size: int | None = None):
+    def __init__(
+        self,
+        vllm_generation,
+        student,
+        top_k: int,
+        pad_token_id: int,
+        chunk_size: int | None = None,
+        vocab_size: int | None = None,
+    ):
         self.vllm = vllm_generation
         self.student = CachedForward(student)
-        self.head = OutputHead.of(student)
+        self.head = OutputHead.of(student).truncated(vocab_size)
         self.top_k, self.pad_token_id, self.chunk_size = top_k, pad_token_id, chunk_size
 
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor, num_new: int):
@@ -181,6 +192,7 @@ def generate_online(
     min_segments: int = 3,
     patience: int = 2,
     chunk_size: int | None = None,
+    vocab_size: int | None = None,
 ) -> OnlineRollout:
     """Sample one completion per prompt and stop each trajectory once the online release rule says so.
 
@@ -199,6 +211,8 @@ def generate_online(
         segmentation, segment_window: as in ``TeachabilityGKDConfig``.
         min_segments, patience: of :func:`trl_ltc.release.online_release`.
         chunk_size: positions projected to the vocabulary at a time.
+        vocab_size: the teacher's distribution is taken over the first ``vocab_size`` token ids (those both models'
+            output heads have, when they are padded to different sizes); default: all its rows.
     """
     batch, device = input_ids.shape[0], input_ids.device
     eos = torch.tensor(sorted(set(eos_token_ids)), device=device)
@@ -209,7 +223,7 @@ def generate_online(
     stop_segment = torch.zeros(batch, dtype=torch.long, device=device)
     release_segment = torch.zeros(batch, dtype=torch.long, device=device)
     bic_gain = torch.zeros(batch, device=device)
-    teacher_forward, teacher_head = CachedForward(teacher), OutputHead.of(teacher)
+    teacher_forward, teacher_head = CachedForward(teacher), OutputHead.of(teacher).truncated(vocab_size)
     teacher_time = 0.0
     rows, ids, mask, done = torch.arange(batch, device=device), input_ids, attention_mask, 0
 

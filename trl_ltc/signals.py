@@ -75,6 +75,13 @@ class OutputHead(NamedTuple):
             getattr(config, "final_logit_softcapping", None),
         )
 
+    def truncated(self, rows: int | None) -> OutputHead:
+        """The head restricted to its first `rows` rows (token ids `0..rows-1`); the same head when it has no more
+        rows, or `rows` is None."""
+        if rows is None or self.weight.shape[0] <= rows:
+            return self
+        return self._replace(weight=self.weight[:rows], bias=None if self.bias is None else self.bias[:rows])
+
     def materialized(self) -> OutputHead:
         """Gather FSDP2-sharded (DTensor) parameters once, so that chunks do not re-gather them."""
         weight, bias = self.weight, self.bias
@@ -92,6 +99,24 @@ class OutputHead(NamedTuple):
         if self.softcap is not None:
             z = self.softcap * torch.tanh(z / self.softcap)
         return z / temperature
+
+
+def shared_heads(student_head: OutputHead, teacher_head: OutputHead) -> tuple[OutputHead, OutputHead]:
+    """Both heads materialised and restricted to the token ids they share, the first `min(V_student, V_teacher)` rows.
+
+    Models that share one tokenizer often pad their output layers to different sizes (151,936 and 152,064 rows for
+    one tokenizer of 151,665 tokens); the rows beyond the shared range belong to no token. Restricting both heads to
+    it gives two distributions over the same ids; slicing the student's weight keeps its gradient (the padded rows
+    get none).
+    """
+    student_head, teacher_head = student_head.materialized(), teacher_head.materialized()
+    rows = min(student_head.weight.shape[0], teacher_head.weight.shape[0])
+    return student_head.truncated(rows), teacher_head.truncated(rows)
+
+
+def shared_vocab_size(*models) -> int:
+    """The number of token ids every model's output head has a row for (`min` of their rows)."""
+    return min(model.get_output_embeddings().weight.shape[0] for model in models)
 
 
 class _ChunkedSignals(ChunkedLogProbFunction):
@@ -192,24 +217,29 @@ def signals_from_hidden(
         student_hidden, teacher_hidden: `[B, T, H_s]`, `[B, T, H_t]`; position `t` predicts `targets[:, t]`.
         targets: `[B, T]` long, the sampled tokens.
         mask: `[B, T]`, non-zero where a signal is wanted; only those positions are projected.
-        student_head, teacher_head: the output heads (`OutputHead.of(model)`); both vocabularies must match.
+        student_head, teacher_head: the output heads (`OutputHead.of(model)`). Heads with different numbers of rows
+            (one tokenizer, padded to different sizes) are restricted to the ids both have (`shared_heads`); every
+            target must be one of them.
         top_k: K of the teacher margin (formula 4), or `None` to skip the margins.
         temperature: logits are divided by it before every softmax.
         chunk_size: positions projected at a time (default: about 64M logits per chunk).
         feature_k: K of the TA-OPD token features, or `None` to skip them.
     """
-    student_head, teacher_head = student_head.materialized(), teacher_head.materialized()
+    rows = student_head.weight.shape[0], teacher_head.weight.shape[0]
+    student_head, teacher_head = shared_heads(student_head, teacher_head)
     vocab = student_head.weight.shape[0]
-    if teacher_head.weight.shape[0] != vocab:
-        raise ValueError(
-            f"The student's output head has {vocab} rows but the teacher's has {teacher_head.weight.shape[0]}; "
-            "the signals compare the two distributions token by token and need one shared vocabulary."
-        )
     for name, k in (("top_k", top_k), ("feature_k", feature_k)):
         if k is not None and not 1 <= k <= vocab:
             raise ValueError(f"`{name}` must be in [1, {vocab}] (the vocabulary size); got {k}.")
     chunk_size = chunk_size or max(1, _LOGITS_PER_CHUNK // vocab)
     valid = mask.bool()
+    if rows[0] != rows[1] and bool((outside := targets[valid] >= vocab).any()):
+        raise ValueError(
+            f"Token id {int(targets[valid][outside][0])} has no row in the teacher's output head: the student's head "
+            f"has {rows[0]} rows and the teacher's {rows[1]}, and the signals compare the two distributions over the "
+            f"{vocab} token ids both have. Only ids below {vocab} may be sampled (a tokenizer of at most {vocab} "
+            "tokens, padded rows suppressed in generation)."
+        )
     outputs = _ChunkedSignals.apply(
         student_hidden[valid].to(student_head.weight.device),
         student_head.weight,
@@ -254,7 +284,8 @@ def token_signals(
     """Per-token OPD signals of two causal LMs on the same token sequences.
 
     Args:
-        student, teacher: causal LMs (or PEFT models) sharing a vocabulary.
+        student, teacher: causal LMs (or PEFT models) sharing a tokenizer; their output heads may be padded to different
+            sizes (the signals are taken over the ids both have, see `shared_heads`).
         input_ids, attention_mask: `[B, L]` prompt + completion tokens (either padding side).
         completion_mask: `[B, L]`, 1 on the completion tokens that get signals.
         top_k: K of the teacher margin (formula 4), or `None` to skip it.

@@ -21,15 +21,22 @@ from trl import DistillationTrainer
 from trl.extras.profiling import profiling_context
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 from trl.models.utils import unwrap_model_for_generation
-from trl.trainer.utils import pad, split_pixel_values_by_grid, split_tensor_dict, unsplit_pixel_values_by_grid
+from trl.trainer.utils import (
+    RepeatSampler,
+    create_model_from_path,
+    pad,
+    split_pixel_values_by_grid,
+    split_tensor_dict,
+    unsplit_pixel_values_by_grid,
+)
 
-from .config import MARGIN_POLICIES, SUPERVISIONS, TeachabilityGKDConfig
+from .config import TeachabilityGKDConfig
 from .diagnostics import ReleaseDiagnosticsCallback, trajectory_records
 from .online import OnlineRollout, TransformersBlocks, VLLMBlocks, generate_online
 from .prompts import truncate_prompt_ids, validate_prompt_dataset
 from .release import NULL_SEED_OFFSET
 from .segmentation import segment_completions
-from .signals import NON_FINITE_ADVICE, OutputHead, SignalsError, signals_from_hidden
+from .signals import NON_FINITE_ADVICE, OutputHead, SignalsError, shared_heads, signals_from_hidden
 from .supervision import (
     kept_fractions,
     permute_release_fractions,
@@ -59,7 +66,11 @@ class TeachabilityGKDTrainer(DistillationTrainer):
         quantization_config, peft_config, tools: as in `trl.DistillationTrainer`; `args` is a
             `TeachabilityGKDConfig`.
         teacher_processing_class (*optional*): the teacher's tokenizer, to check token by token that the two
-            vocabularies agree (loaded from the teacher's local directory when not given and available).
+            tokenizers agree (loaded from the teacher's local directory when not given and available; without it,
+            the processing class is taken as the tokenizer of both). The two models' output heads may be padded to
+            different sizes: the signals are then taken over the first `min(V_student, V_teacher)` token ids
+            (`vocab_size`), which must hold every token of the tokenizer, and a padded student never samples its
+            extra rows.
 
     Metrics (logged every `logging_steps`, summed over processes): `release/accepted_frac`,
     `release/accepted_frac_null` (the same change point on each trajectory's segment scores shuffled with
@@ -119,24 +130,29 @@ class TeachabilityGKDTrainer(DistillationTrainer):
                 "fields: `TeachabilityGKDConfig(output_dir=..., ...)`."
             )
         if teacher_model is None:
-            raise ValueError(_remote_teacher_message(args.supervision))
+            raise ValueError(_MISSING_TEACHER)
         # Cheap checks first: a wrong dataset or vocabulary fails in seconds, before two models are loaded.
         _check_datasets(train_dataset, eval_dataset)
-        _check_vocabularies(model, teacher_model, processing_class, teacher_processing_class, args)
-        super().__init__(
-            model=model,
-            teacher_model=teacher_model,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-            tools=tools,
-        )
-        _check_top_k(args, self.model.get_output_embeddings().weight.shape[0])  # the head itself, once loaded
+        sizes = _check_vocabularies(model, teacher_model, processing_class, teacher_processing_class, args)
+        with _parent_accepts_padded_heads(teacher_model, *sizes):
+            super().__init__(
+                model=model,
+                teacher_model=teacher_model,
+                args=args,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                quantization_config=quantization_config,
+                peft_config=peft_config,
+                tools=tools,
+            )
+        self.vocab_size = min(sizes)  # the token ids both output heads have: the signals are taken over these
+        _check_tokenizer_fits(self._tokenizer, *sizes)  # when no tokenizer was at hand before loading
+        _check_top_k(args, min(self.model.get_output_embeddings().weight.shape[0], self.vocab_size))
+        if sizes[0] > self.vocab_size:
+            self._suppress_padded_rows(sizes[0])
         if args.rollout_truncation == "online":
             self._check_online_support()
         self._online_rollout: OnlineRollout | None = None
@@ -154,8 +170,21 @@ class TeachabilityGKDTrainer(DistillationTrainer):
         self.last_supervision = None  # the `Supervision` of the latest micro-batch (weights, change point, scores)
         self.release_diagnostics = None
         if args.release_diagnostics_steps > 0:
-            self.release_diagnostics = ReleaseDiagnosticsCallback(max_steps_kept=args.release_diagnostics_steps)
+            self.release_diagnostics = ReleaseDiagnosticsCallback(
+                max_steps_kept=args.release_diagnostics_steps,
+                max_records=args.release_diagnostics_max_records,
+                trackers=self.callback_handler.callbacks,
+            )
             self.add_callback(self.release_diagnostics)
+
+    def _suppress_padded_rows(self, student_rows: int) -> None:
+        """The student never samples the rows of its head beyond the ids the teacher has (they belong to no token)."""
+        padded = range(self.vocab_size, student_rows)
+        suppress = sorted({*(self.generation_kwargs.get("suppress_tokens") or ()), *padded})
+        self.generation_kwargs["suppress_tokens"] = suppress
+        self.generation_config.suppress_tokens = suppress
+        if self.use_vllm:  # vLLM's `SamplingParams`
+            self.vllm_generation.generation_kwargs.setdefault("allowed_token_ids", list(range(self.vocab_size)))
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
         """`Trainer.train`; `resume_from_checkpoint=True` resumes from the last *complete* checkpoint of `output_dir`.
@@ -166,6 +195,11 @@ class TeachabilityGKDTrainer(DistillationTrainer):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir) or True
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+
+    def _get_train_sampler(self, dataset=None):
+        # The parent's sampler, built by the parent, with an epoch-indexed order (see `EpochRepeatSampler`).
+        with _replaced(_distillation, "RepeatSampler", EpochRepeatSampler):
+            return super()._get_train_sampler(dataset)
 
     def _tokenize_prompts(self, prompts: list):
         prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
@@ -275,9 +309,11 @@ class TeachabilityGKDTrainer(DistillationTrainer):
             torch.no_grad(),
         ):
             if self.use_vllm:
-                blocks = VLLMBlocks(self.vllm_generation, student, args.release_top_k, pad_id, args.signal_chunk_size)
+                blocks = VLLMBlocks(
+                    self.vllm_generation, student, args.release_top_k, pad_id, args.signal_chunk_size, self.vocab_size
+                )
             else:
-                blocks = TransformersBlocks(student, self.generation_config, args.release_top_k)
+                blocks = TransformersBlocks(student, self.generation_config, args.release_top_k, self.vocab_size)
             return generate_online(
                 blocks,
                 teacher,
@@ -294,6 +330,7 @@ class TeachabilityGKDTrainer(DistillationTrainer):
                 min_segments=args.online_min_segments,
                 patience=args.online_patience,
                 chunk_size=args.signal_chunk_size,
+                vocab_size=self.vocab_size,
             )
 
     def _log_rollout(self, generated, stopped=None, teacher_time: float = 0.0) -> None:
@@ -461,9 +498,10 @@ class TeachabilityGKDTrainer(DistillationTrainer):
         weights = supervision.weights.to(advantages.dtype)
         if parent_loss:
             valid = loss_mask.bool()
+            student, teacher = shared_heads(student, teacher)  # both distributions over the shared token ids
             per_token, _ = ChunkedDivergenceFunction.apply(
-                student_hidden_states[valid], *student.materialized()[:2],
-                teacher_hidden_states[valid], *teacher.materialized()[:2],
+                student_hidden_states[valid], *student[:2],
+                teacher_hidden_states[valid], *teacher[:2],
                 beta, temperature, student.logit_scale, student.softcap, teacher.logit_scale, teacher.softcap,
             )  # fmt: skip
             weighted = (weights[valid] * per_token).sum()
@@ -499,6 +537,33 @@ class TeachabilityGKDTrainer(DistillationTrainer):
             supervision, loss_mask, advantages, signals.margins, signals.features, null_generator=self.null_generator
         )
         return loss, (signals.student_entropy * loss_mask).sum().detach(), n_valid
+
+
+class EpochRepeatSampler(RepeatSampler):
+    """`trl`'s `RepeatSampler` whose order in epoch `e` depends only on `e` (`set_epoch`), so resume is exact.
+
+    `RepeatSampler` shuffles with its own generator, seeded once when it is built; each epoch draws the next
+    permutation from it. That generator is not part of a checkpoint: a run resumed at epoch `e` builds a new sampler
+    and its first epoch draws permutation 0 again, so every resumed epoch after the first replays epoch 0's order
+    (other prompts, so other samples and losses) while an uninterrupted run moves on to permutation `e`. Transformers
+    restores the global RNG and skips the batches already trained in the resumed epoch, and calls
+    `set_epoch(epoch)` on the sampler before each epoch; here `set_epoch(e)` puts the generator in the state it has
+    after `e` permutations, so both runs draw the same order and an uninterrupted run keeps the parent's order. The
+    generator states at the start of each epoch are cached (one `randperm` per new epoch, none on a repeated call).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._epoch_states = [self.generator.get_state()] if self.shuffle else []
+
+    def set_epoch(self, epoch: int) -> None:
+        if not self.shuffle:
+            return
+        while len(self._epoch_states) <= epoch:
+            self.generator.set_state(self._epoch_states[-1])
+            torch.randperm(self.num_samples, generator=self.generator)  # what `__iter__` draws once per epoch
+            self._epoch_states.append(self.generator.get_state())
+        self.generator.set_state(self._epoch_states[epoch])
 
 
 def _release_rng_file(directory: str, process_index: int) -> str:
@@ -583,15 +648,13 @@ def _replaced(module, name: str, value):
         setattr(module, name, original)
 
 
-def _remote_teacher_message(supervision: str) -> str:
-    local_only = [p for p in SUPERVISIONS if p in MARGIN_POLICIES]
-    remote_ok = [p for p in SUPERVISIONS if p not in MARGIN_POLICIES]
-    return (
-        f"TeachabilityGKDTrainer needs a local `teacher_model` (a model or a model id/path); got None. "
-        f"supervision={supervision!r} reads the teacher's logits on the student's candidates "
-        f"({', '.join(local_only)} all do); with a teacher served remotely only log pT(y) of the sampled tokens is "
-        f"available, which is enough for {', '.join(remote_ok)}."
-    )
+_MISSING_TEACHER = (
+    "TeachabilityGKDTrainer needs `teacher_model`; got None. Pass a model object, or a Hub id or local path that the "
+    "trainer loads in this process (with `teacher_model_init_kwargs`, e.g. `{'dtype': 'bfloat16'}` or a "
+    "quantization config, to make it smaller; sharded across GPUs with FSDP2 or DeepSpeed ZeRO-3). A teacher served "
+    "by another process is not supported, under any `supervision`: every policy projects the teacher's last hidden "
+    "states through its output head in the training forward pass."
+)
 
 
 def _vocab_size(model, args) -> int:
@@ -616,22 +679,87 @@ def _tokenizer_of(processing_class, model):
     return None
 
 
-def _check_vocabularies(model, teacher_model, processing_class, teacher_processing_class, args) -> None:
-    """Fail before anything is built when the student and the teacher do not share one vocabulary."""
+def _token(tokenizer, token_id: int):
+    return tokenizer.convert_ids_to_tokens(token_id) if token_id < len(tokenizer) else None
+
+
+def _check_vocabularies(model, teacher_model, processing_class, teacher_processing_class, args) -> tuple[int, int]:
+    """Fail before anything is built unless the student and the teacher share one tokenizer; returns the two models'
+    `vocab_size` (rows of their output heads).
+
+    The two sizes may differ when one tokenizer's models pad their output layers differently (Qwen2.5-1.5B has 151,936
+    rows, Qwen2.5-7B 152,064, for a tokenizer of 151,665 tokens): training then uses the first `min` of them, which
+    must hold every token of the tokenizer. The teacher's tokenizer (given, or found in its local directory) must map
+    every id as the student's does; without one, the trainer's processing class is the tokenizer of both.
+    """
     student_size, teacher_size = _vocab_size(model, args), _vocab_size(teacher_model, args)
     student_tok = _tokenizer_of(processing_class, model)
     teacher_tok = _tokenizer_of(teacher_processing_class, teacher_model)
-    difference = ""
     if student_tok is not None and teacher_tok is not None:
-        n = min(len(student_tok), len(teacher_tok))
-        s_tokens = student_tok.convert_ids_to_tokens(list(range(n)))
-        t_tokens = teacher_tok.convert_ids_to_tokens(list(range(n)))
-        first = next((i for i in range(n) if s_tokens[i] != t_tokens[i]), None)
+        s_tokens = student_tok.convert_ids_to_tokens(list(range(len(student_tok))))
+        t_tokens = teacher_tok.convert_ids_to_tokens(list(range(len(teacher_tok))))
+        n = min(len(s_tokens), len(t_tokens))
+        shorter = None if len(s_tokens) == len(t_tokens) else n  # the first id only one tokenizer has
+        first = next((i for i in range(n) if s_tokens[i] != t_tokens[i]), shorter)
         if first is not None:
-            difference = f" The first differing token is id {first}: {s_tokens[first]!r} (student) vs {t_tokens[first]!r} (teacher)."
-    if student_size != teacher_size or difference:
-        raise ValueError(
-            f"The student and the teacher must share one vocabulary: the student has vocab_size {student_size}, the "
-            f"teacher {teacher_size}.{difference} OPD compares the two models' log-probabilities of the same token ids."
-        )
-    _check_top_k(args, student_size)
+            raise ValueError(
+                f"The student and the teacher must share one tokenizer: the student has vocab_size {student_size} "
+                f"and a tokenizer of {len(student_tok)} tokens, the teacher vocab_size {teacher_size} and "
+                f"{len(teacher_tok)} tokens. The first differing token is id {first}: "
+                f"{_token(student_tok, first)!r} (student) vs {_token(teacher_tok, first)!r} (teacher). OPD compares "
+                "the two models' log-probabilities of the same token ids."
+            )
+    _check_tokenizer_fits(student_tok or teacher_tok, student_size, teacher_size)
+    if student_size != teacher_size and teacher_tok is None:
+        logger.warning(
+            "The student's output head has %d rows and the teacher's %d; the teacher's tokenizer is not at hand, so "
+            "the trainer's processing class is taken as the tokenizer of both and training uses token ids "
+            "0..%d. Pass `teacher_processing_class` to have the two tokenizers compared.",
+            student_size, teacher_size, min(student_size, teacher_size) - 1,
+        )  # fmt: skip
+    _check_top_k(args, min(student_size, teacher_size))
+    return student_size, teacher_size
+
+
+def _check_tokenizer_fits(tokenizer, student_size: int, teacher_size: int) -> None:
+    """Every token of `tokenizer` needs a row in both output heads."""
+    shared = min(student_size, teacher_size)
+    if tokenizer is None or len(tokenizer) <= shared:
+        return
+    smaller = "student" if student_size == shared else "teacher"
+    raise ValueError(
+        f"The tokenizer has {len(tokenizer)} tokens but the student has vocab_size {student_size} and the teacher "
+        f"{teacher_size}: the first token without a row in the {smaller}'s output head is id {shared}: "
+        f"{_token(tokenizer, shared)!r}. OPD compares the two models' log-probabilities of the same token ids, so "
+        "every token must have a row in both."
+    )
+
+
+@contextlib.contextmanager
+def _parent_accepts_padded_heads(teacher_model, student_size: int, teacher_size: int):
+    """Let `trl.DistillationTrainer.__init__` build a pair whose heads are padded to different sizes.
+
+    The parent refuses a teacher whose `vocab_size` differs from the student's; `_check_vocabularies` has accepted
+    this pair (one tokenizer, which fits both heads). While the parent builds, the teacher's config reports the
+    student's size (the teacher is loaded inside the parent when given as a path); its own size is put back after.
+    """
+    if student_size == teacher_size:
+        yield
+        return
+    teachers = [] if isinstance(teacher_model, str) else [teacher_model]
+
+    def load(model_id, **kwargs):
+        loaded = create_model_from_path(model_id, **kwargs)
+        if model_id == teacher_model:
+            loaded.config.get_text_config().vocab_size = student_size
+            teachers.append(loaded)
+        return loaded
+
+    if teachers:
+        teachers[0].config.get_text_config().vocab_size = student_size
+    try:
+        with _replaced(_distillation, "create_model_from_path", load):
+            yield
+    finally:
+        for teacher in teachers:
+            teacher.config.get_text_config().vocab_size = teacher_size
