@@ -52,7 +52,9 @@ def test_statement_answers_by_hand():
 def test_splits_are_fixed_disjoint_in_length_and_cached(tmp_path):
     assert lab.problems("test", 5) == lab.problems("test", 5)
     assert all(14 <= len(p["digits"]) <= 20 for p in lab.problems("test", 64))
-    assert all(22 <= len(p["digits"]) <= 26 for p in lab.problems("ood", 64))
+    ood = lab.problems("ood", 64)
+    assert all(14 <= len(p["digits"]) <= 20 and min(p["digits"]) >= 5 for p in ood)
+    assert {d for p in ood for d in p["digits"]} == {5, 6, 7, 8, 9}
     path = lab.lab_dataset_path("ood", cache_dir=tmp_path)
     rows = [json.loads(line) for line in open(path, encoding="utf-8")]
     assert len(rows) == 512 and set(rows[0]) == {"prompt", "answer"}

@@ -128,7 +128,7 @@ SMOKE_DIAGNOSTICS = {"num_prompts": 4, "batch_size": 4}
 # `preset: lab` without `evaluation.datasets`: the in-domain held-out split and the longer-chain one.
 LAB_EVAL_SETS = [
     {"name": "in_domain", "dataset": "lab:test", "num_problems": 256, "num_samples": 4, "greedy": True},
-    {"name": "ood", "dataset": "lab:ood", "num_problems": 256, "num_samples": 4, "greedy": True},
+    {"name": "ood", "dataset": "lab:ood", "num_problems": 128, "num_samples": 4, "greedy": True},
 ]
 
 

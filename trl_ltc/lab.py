@@ -8,7 +8,7 @@ each line restating the running sum, the next digit and their sum, then states t
 
 Every step is checkable, every line is a segment (`segmentation="newline"`), and a chain of `n` digits gives `n + 1`
 segments and `8 n + 5` completion tokens (one token per character) before the EOS. In-domain chains have 14-20 digits (117-165
-tokens); the out-of-domain variant has 22-26 (longer chains than any seen in training).
+tokens); the out-of-domain variant has the same lengths with every digit in 5-9 (every step carries).
 
 `prepare_lab_pair` builds, once into the trl-ltc cache, a character-level tokenizer and two Llama-style models
 trained from random weights with next-token cross-entropy on correct solutions: a teacher (3 layers, hidden 128, 1500
@@ -47,17 +47,25 @@ __all__ = [
 
 LAB_TASK = "running_sum_mod10"
 IN_DOMAIN = (14, 20)  # chain lengths (digits) of the training and held-out prompts
-OUT_OF_DOMAIN = (22, 26)
+# Out of domain: the same chain lengths with every digit in 5-9, so every step carries. (Length does not transfer:
+# trained on 14-20 digits, the teacher solves 10-13% of 21-26-digit chains and 0-6% of 4-13-digit ones, greedy.)
+OUT_OF_DOMAIN_DIGITS = (5, 6, 7, 8, 9)
 LETTERS = string.ascii_lowercase
-SPLITS = {"train": (IN_DOMAIN, 0, 4096), "test": (IN_DOMAIN, 1, 512), "ood": (OUT_OF_DOMAIN, 2, 512)}
-VALID = (IN_DOMAIN, 3, 64)  # problems that decide when a model's pre-training stops (never evaluated on)
+DIGITS = tuple(range(10))
+# split: (chain lengths, seed, problems, digit pool)
+SPLITS = {
+    "train": (IN_DOMAIN, 0, 4096, DIGITS),
+    "test": (IN_DOMAIN, 1, 512, DIGITS),
+    "ood": (IN_DOMAIN, 2, 512, OUT_OF_DOMAIN_DIGITS),
+}
+VALID = (IN_DOMAIN, 3, 64, DIGITS)  # problems that decide when a model's pre-training stops (never evaluated on)
 
 
-def make_problem(rng: random.Random, length: int) -> dict:
+def make_problem(rng: random.Random, length: int, digits: tuple[int, ...] = DIGITS) -> dict:
     """A random problem of `length` digits: `{"prompt": "a4 b7 ...\\n", "answer": "2", "digits": [...]}`."""
     if not 2 <= length <= len(LETTERS):
         raise ValueError(f"`length` must be in [2, {len(LETTERS)}]; got {length}.")
-    digits = [rng.randrange(10) for _ in range(length)]
+    digits = [pool[rng.randrange(len(pool))] for pool in [digits] for _ in range(length)]
     prompt = " ".join(f"{LETTERS[i]}{d}" for i, d in enumerate(digits)) + "\n"
     return {"prompt": prompt, "answer": str(sum(digits) % 10), "digits": digits}
 
@@ -101,9 +109,9 @@ def build_tokenizer():
 
 def problems(split: str, count: int | None = None) -> list[dict]:
     """The fixed problems of a split (`train`, `test`, `ood` or `valid`), seeded: the same on every machine."""
-    (low, high), seed, default = VALID if split == "valid" else SPLITS[split]
+    (low, high), seed, default, pool = VALID if split == "valid" else SPLITS[split]
     rng = random.Random(f"{LAB_TASK}-{split}-{seed}")
-    return [make_problem(rng, rng.randint(low, high)) for _ in range(count or default)]
+    return [make_problem(rng, rng.randint(low, high), pool) for _ in range(count or default)]
 
 
 def lab_dataset_path(split: str, cache_dir: str | os.PathLike | None = None) -> str:
