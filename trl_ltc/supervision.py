@@ -252,3 +252,11 @@ def reduce_stats(totals: dict[str, tuple[float, float]]) -> dict[str, float]:
         mean = out["advantage/mean"]
         out["advantage/std"] = math.sqrt(max(s / c - mean * mean, 0.0)) if c > 0 else math.nan
     return out
+
+
+def gather_stats(stats: dict[str, tuple[torch.Tensor, torch.Tensor]], gather) -> dict[str, float]:
+    """`reduce_stats` of `supervision_stats` summed over processes: `gather` is `accelerator.gather` (one call)."""
+    names = sorted(stats)
+    local = torch.stack([torch.stack([s.float(), c.float()]) for s, c in (stats[n] for n in names)])
+    total = gather(local[None]).sum(0).tolist()
+    return reduce_stats(dict(zip(names, map(tuple, total))))
