@@ -85,7 +85,8 @@ def test_hooks_are_undone_after_the_call_also_on_error():
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_the_epoch_sampler_is_built_like_the_parents(shuffle):
     def parent():
-        return RepeatSampler(list(range(10)), mini_repeat_count=1, batch_size=4, repeat_count=2, shuffle=shuffle, seed=3)
+        data = list(range(10))
+        return RepeatSampler(data, mini_repeat_count=1, batch_size=4, repeat_count=2, shuffle=shuffle, seed=3)
 
     reference = parent()
     epochs = [list(reference) for _ in range(3)]  # the parent's order in epochs 0, 1, 2

@@ -82,7 +82,9 @@ class TeachabilityGKDConfig(DistillationConfig):
     )
     release_top_k: int = field(
         default=_DEFAULT.release_top_k,
-        metadata={"help": "K: size of the student's top-K candidate set on which the teacher margin is measured (>= 2)."},
+        metadata={
+            "help": "K: size of the student's top-K candidate set on which the teacher margin is measured (>= 2)."
+        },
     )
     segmentation: str = field(
         default=_DEFAULT.segmentation,
@@ -183,7 +185,9 @@ class TeachabilityGKDConfig(DistillationConfig):
             self.release_seed = self.seed
         SupervisionSpec.from_config(self)  # the supervision fields, validated once (`trl_ltc.spec`)
         if self.release_diagnostics_steps < 0:
-            raise ValueError(f"`release_diagnostics_steps` must be >= 0 (0 turns it off); got {self.release_diagnostics_steps}.")
+            raise ValueError(
+                f"`release_diagnostics_steps` must be >= 0 (0 turns it off); got {self.release_diagnostics_steps}."
+            )
         if self.release_diagnostics_max_records < 1:
             raise ValueError(
                 f"`release_diagnostics_max_records` must be >= 1; got {self.release_diagnostics_max_records}."

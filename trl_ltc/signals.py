@@ -129,8 +129,9 @@ class _ChunkedSignals(ChunkedLogProbFunction):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, student, teacher, top_k, feature_k, chunk_size):
+        device_type = hidden.device.type
         compute_dtype = (
-            torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+            torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
         )
         teacher_head, teacher_hidden = teacher
         n_tokens, vocab = hidden.shape[0], weight.shape[0]
@@ -330,8 +331,8 @@ def token_signals(
     """Per-token OPD signals of two causal LMs on the same token sequences.
 
     Args:
-        student, teacher: causal LMs (or PEFT models) sharing a tokenizer; their output heads may be padded to different
-            sizes (the signals are taken over the ids both have, see `shared_heads`).
+        student, teacher: causal LMs (or PEFT models) sharing a tokenizer; their output heads may be padded to
+            different sizes (the signals are taken over the ids both have, see `shared_heads`).
         input_ids, attention_mask: `[B, L]` prompt + completion tokens (either padding side).
         completion_mask: `[B, L]`, 1 on the completion tokens that get signals.
         top_k: K of the teacher margin (formula 4), or `None` to skip it.

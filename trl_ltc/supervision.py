@@ -202,8 +202,8 @@ def supervision_stats(
     the active policy (`kept_token_frac`). With `null_generator`, `release/accepted_frac_null` is the acceptance rate
     of the same change point on each trajectory's segment scores shuffled with that generator (`null_change_point`, the
     only draw from it): what the rule accepts on these scores without their order. `margin/prefix_mean` and
-    `margin/suffix_mean` are the mean margins on kept and released tokens; `advantage/mean` and `advantage/std` are over
-    supervised tokens (the std is rebuilt from the sums of `A` and `A^2`).
+    `margin/suffix_mean` are the mean margins on kept and released tokens; `advantage/mean` and `advantage/std` are
+    over supervised tokens (the std is rebuilt from the sums of `A` and `A^2`).
     """
     mask = loss_mask > 0
     kept = (supervision.weights > 0) & mask
