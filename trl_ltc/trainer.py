@@ -57,6 +57,7 @@ from .supervision import (
     supervision_weights,
 )
 
+
 class TeachabilityGKDTrainer(DistillationTrainer):
     """On-policy distillation that supervises only where the teacher is still teachable.
 
