@@ -343,7 +343,7 @@ def test_long_prompts_are_truncated_from_the_left_with_one_warning(tmp_path, tok
         return generate(prompt_ids, *args, **kwargs)
 
     trainer._generate_single_turn = recording
-    with caplog.at_level(logging.WARNING, logger="trl_ltc.trainer"):
+    with caplog.at_level(logging.WARNING, logger="trl_ltc.prompts"):
         trainer.train()
     assert seen and all(len(ids) == 9 and any(ids == f[-9:] for f in full) for ids in seen)
     assert all(ids[-3:] == full[0][-3:] for ids in seen)  # the generation prompt is kept
@@ -557,7 +557,7 @@ def test_last_complete_checkpoint_skips_interrupted_writes(tmp_path, caplog):
     (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
     (tmp_path / "checkpoint-10" / "trainer_state.json").write_text('{"global_step": 1')  # cut mid-write
     (tmp_path / "checkpoint-x").mkdir()
-    with caplog.at_level(logging.WARNING, logger="trl_ltc.trainer"):
+    with caplog.at_level(logging.WARNING, logger="trl_ltc.resume"):
         assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
     assert sum("Skipping" in r.getMessage() for r in caplog.records) == 2
 

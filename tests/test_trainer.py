@@ -597,3 +597,17 @@ def test_non_finite_teacher_logits_stop_before_the_update(tmp_path, tokenizer):
         trainer.train()
     for name, param in trainer.model.named_parameters():
         assert torch.equal(param.detach(), before[name]), name
+
+
+def test_the_spec_and_the_model_card_name_the_trainer(tmp_path, tokenizer):
+    from trl_ltc.spec import SupervisionSpec
+
+    trainer = _trainer(tmp_path, tokenizer, supervision="random_release", release_seed=7)
+    assert trainer.spec == SupervisionSpec.from_config(trainer.args)
+    assert trainer.spec.policy == "random_release" and trainer.spec.seed == 7
+    assert trainer._name == "TeachabilityGKD" and {"trl", "distillation", "trl-ltc"} <= set(trainer._tag_names)
+    trainer.create_model_card(model_name="tiny-student")
+    card = (tmp_path / "README.md").read_text()
+    assert "This model was trained with TeachabilityGKD, a method introduced in [Prefix Teach, Suffix Fade" in card
+    assert "https://huggingface.co/papers/2605.13643" in card and "Cite TeachabilityGKD as" in card
+    assert "trained with Distillation" not in card and "trl-ltc" in card

@@ -5,18 +5,19 @@ from dataclasses import dataclass, field, fields
 
 from trl import DistillationConfig
 
-SUPERVISIONS = ("full", "fixed_prefix", "release", "random_release", "adv_std_release", "token_teachability")
-SEGMENTATIONS = ("nltk", "newline", "fixed")
-LOSS_TYPES = ("advantage", "parent")
-TOKEN_SCORES = ("teachability", "tip", "entropy", "divergence", "random")
-ROLLOUT_TRUNCATIONS = ("none", "online")
-# Policies whose weights need the teacher's distribution over the student's top-K, not only log pT(y_t).
-MARGIN_POLICIES = ("release", "random_release", "token_teachability")
+# Defined once in `trl_ltc.spec` (the segmentations in `trl_ltc.segmentation`, the token scores in
+# `trl_ltc.teachability`); importable from here as before.
+from .spec import (  # noqa: F401
+    LOSS_TYPES,
+    MARGIN_POLICIES,
+    ROLLOUT_TRUNCATIONS,
+    SEGMENTATIONS,
+    SUPERVISIONS,
+    TOKEN_SCORES,
+    SupervisionSpec,
+)
 
-
-def _choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}; got {value!r}.")
+_DEFAULT = SupervisionSpec()  # the supervision fields' defaults
 
 
 @dataclass
@@ -73,25 +74,27 @@ class TeachabilityGKDConfig(DistillationConfig):
     """
 
     supervision: str = field(
-        default="release",
+        default=_DEFAULT.policy,
         metadata={
             "help": f"Where the OPD supervision goes. One of: {', '.join(SUPERVISIONS)}.",
             "choices": SUPERVISIONS,
         },
     )
     release_top_k: int = field(
-        default=10,
-        metadata={"help": "K: size of the student's top-K candidate set on which the teacher margin is measured (>= 2)."},
+        default=_DEFAULT.release_top_k,
+        metadata={
+            "help": "K: size of the student's top-K candidate set on which the teacher margin is measured (>= 2)."
+        },
     )
     segmentation: str = field(
-        default="nltk",
+        default=_DEFAULT.segmentation,
         metadata={
             "help": f"How completions are split into segments. One of: {', '.join(SEGMENTATIONS)}.",
             "choices": SEGMENTATIONS,
         },
     )
     segment_window: int = field(
-        default=64,
+        default=_DEFAULT.segment_window,
         metadata={"help": "Tokens per segment when `segmentation='fixed'`."},
     )
     fixed_prefix_length: int | None = field(
@@ -103,7 +106,7 @@ class TeachabilityGKDConfig(DistillationConfig):
         metadata={"help": "Seed for `random_release` and `token_score='random'`. Defaults to `seed`."},
     )
     loss_type: str = field(
-        default="advantage",
+        default=_DEFAULT.loss_type,
         metadata={
             "help": "'advantage': sampled-token OPD loss -sum(w * sg(log pT - log pS) * log pS) / N. 'parent': the "
             "parent trainer's generalized JSD (`beta`) weighted per token by the supervision weights.",
@@ -136,26 +139,26 @@ class TeachabilityGKDConfig(DistillationConfig):
         },
     )
     token_score: str = field(
-        default="teachability",
+        default=_DEFAULT.token_score,
         metadata={
             "help": f"Token score for `supervision='token_teachability'`. One of: {', '.join(TOKEN_SCORES)}.",
             "choices": TOKEN_SCORES,
         },
     )
     token_keep_ratio: float = field(
-        default=0.05,
+        default=_DEFAULT.token_keep_ratio,
         metadata={"help": "Fraction of the batch's completion tokens kept by `token_teachability`, in (0, 1]."},
     )
     token_top_k: int = field(
-        default=16,
+        default=_DEFAULT.token_top_k,
         metadata={"help": "Support size K of the TA-OPD token features (>= 1)."},
     )
     token_min_keep: int = field(
-        default=1,
+        default=_DEFAULT.token_min_keep,
         metadata={"help": "Tokens kept at least per trajectory by `token_teachability` (>= 0)."},
     )
     rollout_truncation: str = field(
-        default="none",
+        default=_DEFAULT.rollout_truncation,
         metadata={
             "help": "'online': stop generating a trajectory once the release rule has released its supervision "
             "(the change point on the segments so far, checked every `online_check_tokens` tokens); only with "
@@ -164,31 +167,27 @@ class TeachabilityGKDConfig(DistillationConfig):
         },
     )
     online_min_segments: int = field(
-        default=3,
+        default=_DEFAULT.online_min_segments,
         metadata={"help": "With rollout_truncation='online': complete segments needed before a stop (>= 1)."},
     )
     online_patience: int = field(
-        default=2,
+        default=_DEFAULT.online_patience,
         metadata={"help": "With rollout_truncation='online': complete segments after the drop before a stop (>= 1)."},
     )
     online_check_tokens: int = field(
-        default=16,
+        default=_DEFAULT.online_check_tokens,
         metadata={"help": "With rollout_truncation='online': new tokens generated between teacher scoring blocks."},
     )
 
     def __post_init__(self):
         super().__post_init__()
-        _choice("supervision", self.supervision, SUPERVISIONS)
-        _choice("segmentation", self.segmentation, SEGMENTATIONS)
-        _choice("loss_type", self.loss_type, LOSS_TYPES)
-        _choice("token_score", self.token_score, TOKEN_SCORES)
-        if self.release_top_k < 2:
-            raise ValueError(
-                f"`release_top_k` must be >= 2 (the margin compares the top two) and at most the vocabulary size; "
-                f"got {self.release_top_k}."
-            )
+        if self.release_seed is None:
+            self.release_seed = self.seed
+        SupervisionSpec.from_config(self)  # the supervision fields, validated once (`trl_ltc.spec`)
         if self.release_diagnostics_steps < 0:
-            raise ValueError(f"`release_diagnostics_steps` must be >= 0 (0 turns it off); got {self.release_diagnostics_steps}.")
+            raise ValueError(
+                f"`release_diagnostics_steps` must be >= 0 (0 turns it off); got {self.release_diagnostics_steps}."
+            )
         if self.release_diagnostics_max_records < 1:
             raise ValueError(
                 f"`release_diagnostics_max_records` must be >= 1; got {self.release_diagnostics_max_records}."
@@ -202,34 +201,9 @@ class TeachabilityGKDConfig(DistillationConfig):
                 UserWarning,
                 stacklevel=3,
             )
-        if self.segment_window < 1:
-            raise ValueError(f"`segment_window` must be >= 1; got {self.segment_window}.")
-        if self.supervision == "fixed_prefix" and (self.fixed_prefix_length is None or self.fixed_prefix_length <= 0):
-            raise ValueError(
-                "`fixed_prefix_length` must be a positive number of tokens when `supervision='fixed_prefix'`; "
-                f"got {self.fixed_prefix_length}."
-            )
         if self.max_prompt_length is not None and self.max_prompt_length < 1:
             raise ValueError(
                 f"`max_prompt_length` must be >= 1 or None (no truncation); got {self.max_prompt_length}."
             )
         if self.signal_chunk_size is not None and self.signal_chunk_size < 1:
             raise ValueError(f"`signal_chunk_size` must be >= 1; got {self.signal_chunk_size}.")
-        if not 0.0 < self.token_keep_ratio <= 1.0:
-            raise ValueError(f"`token_keep_ratio` must be in (0, 1]; got {self.token_keep_ratio}.")
-        if self.token_top_k < 1:
-            raise ValueError(f"`token_top_k` must be >= 1; got {self.token_top_k}.")
-        if self.token_min_keep < 0:
-            raise ValueError(f"`token_min_keep` must be >= 0; got {self.token_min_keep}.")
-        _choice("rollout_truncation", self.rollout_truncation, ROLLOUT_TRUNCATIONS)
-        if self.rollout_truncation == "online" and self.supervision != "release":
-            raise ValueError(
-                "`rollout_truncation='online'` stops generation where the release rule stops supervising, so it needs "
-                f"`supervision='release'`; got supervision={self.supervision!r}. Set `supervision='release'` or "
-                "`rollout_truncation='none'`."
-            )
-        for name in ("online_min_segments", "online_patience", "online_check_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be >= 1; got {getattr(self, name)}.")
-        if self.release_seed is None:
-            self.release_seed = self.seed

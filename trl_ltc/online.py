@@ -1,22 +1,22 @@
 """Online release (DESIGN.md formula 9): stop generating a trajectory once the release rule has released it.
 
-:func:`generate_online` samples completions in blocks of ``check_tokens`` new tokens. After each block the teacher
+`generate_online` samples completions in blocks of `check_tokens` new tokens. After each block the teacher
 scores the new tokens (its KV cache is kept between blocks, so each token is scored once), giving the teacher
 margin on the student's top-K at every new position (formula 4); the completions so far are segmented
-(``segment_completions``), their segment scores computed (formula 5), and :func:`trl_ltc.release.online_release`
-decides on those scores which trajectories stop. A stopped trajectory keeps segments ``0..tau-1``; what it generated
+(`segment_completions`), their segment scores computed (formula 5), and `trl_ltc.release.online_release`
+decides on those scores which trajectories stop. A stopped trajectory keeps segments `0..tau-1`; what it generated
 after them is dropped. The rows still running go on to the next block; the others leave both models' caches.
 
 Two block generators are provided:
 
-- :class:`TransformersBlocks`: ``model.generate`` for ``check_tokens`` tokens at a time, continuing from its own KV
-  cache; the student's top-K comes from the raw logits of the same steps (``output_logits``), so it costs no extra
-  forward pass. Its memory holds one block of ``[rows, V]`` logits per new token.
-- :class:`VLLMBlocks` (GPU, only where vLLM is installed): TRL's ``VLLMGeneration`` continues the unfinished
-  sequences from their text so far, ``check_tokens`` at a time; the student's top-K comes from a forward pass of the
+- `TransformersBlocks`: `model.generate` for `check_tokens` tokens at a time, continuing from its own KV
+  cache; the student's top-K comes from the raw logits of the same steps (`output_logits`), so it costs no extra
+  forward pass. Its memory holds one block of `[rows, V]` logits per new token.
+- `VLLMBlocks` (GPU, only where vLLM is installed): TRL's `VLLMGeneration` continues the unfinished
+  sequences from their text so far, `check_tokens` at a time; the student's top-K comes from a forward pass of the
   training student over the new tokens, with its own KV cache.
 
-Stopping happens at block boundaries: a stopped trajectory has generated up to ``check_tokens - 1`` tokens past the
+Stopping happens at block boundaries: a stopped trajectory has generated up to `check_tokens - 1` tokens past the
 point where its decision became possible.
 """
 
@@ -27,13 +27,24 @@ import time
 from typing import NamedTuple
 
 import torch
+from trl.extras.profiling import profiling_context
+from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
 from .release import bic_change_point, online_release, segment_scores, support_margin
 from .segmentation import segment_completions
 from .signals import _LOGITS_PER_CHUNK, OutputHead
 
-__all__ = ["CachedForward", "OnlineRollout", "TransformersBlocks", "VLLMBlocks", "generate_online"]
+__all__ = [
+    "CachedForward",
+    "OnlineRollout",
+    "TransformersBlocks",
+    "VLLMBlocks",
+    "check_online_support",
+    "generate_online",
+    "log_rollout",
+    "trainer_rollout",
+]
 
 
 class OnlineRollout(NamedTuple):
@@ -44,13 +55,13 @@ class OnlineRollout(NamedTuple):
     generated_ids: list[list[int]]
     """Every token the student generated (up to and including EOS); longer than the completion for stopped rows."""
     stopped: torch.Tensor
-    """``[B]`` bool: stopped early by the online rule."""
+    """`[B]` bool: stopped early by the online rule."""
     stop_segment: torch.Tensor
-    """``[B]`` long: complete segments at the stop (formula 9); the final number of segments when not stopped."""
+    """`[B]` long: complete segments at the stop (formula 9); the final number of segments when not stopped."""
     release_segment: torch.Tensor
-    """``[B]`` long: kept segments ``tau`` of a stopped row; the offline change point of the others."""
+    """`[B]` long: kept segments `tau` of a stopped row; the offline change point of the others."""
     bic_gain: torch.Tensor
-    """``[B]`` float: the BIC gain of the change point that stopped the row (0 when not stopped)."""
+    """`[B]` float: the BIC gain of the change point that stopped the row (0 when not stopped)."""
     teacher_time: float
     """Seconds spent scoring blocks with the teacher (forward pass and margins)."""
 
@@ -66,7 +77,7 @@ class CachedForward:
     """Hidden states of one model for the newest tokens of growing sequences, reusing its KV cache.
 
     Each call feeds the tokens the cache has not seen, except the last one (its prediction is not needed yet), and
-    returns the hidden states that predict the last ``num_new`` tokens. Rows can be dropped between calls.
+    returns the hidden states that predict the last `num_new` tokens. Rows can be dropped between calls.
     """
 
     def __init__(self, model):
@@ -93,7 +104,7 @@ class CachedForward:
 
 
 def _project(hidden: torch.Tensor, head: OutputHead, temperature: float, chunk_size: int | None, reduce):
-    """``reduce(logits, start)`` over chunks of ``hidden`` ``[n, H]``, concatenated (one chunk of logits at a time)."""
+    """`reduce(logits, start)` over chunks of `hidden` `[n, H]`, concatenated (one chunk of logits at a time)."""
     chunk_size = chunk_size or max(1, _LOGITS_PER_CHUNK // head.weight.shape[0])
     parts = [
         reduce(head.logits(hidden[start : start + chunk_size], temperature, hidden.dtype), start)
@@ -103,8 +114,8 @@ def _project(hidden: torch.Tensor, head: OutputHead, temperature: float, chunk_s
 
 
 class TransformersBlocks:
-    """Student blocks from ``model.generate``, continuing from its KV cache; top-K from the raw step logits (over the
-    first ``vocab_size`` token ids, when given: the ids the teacher's head also has)."""
+    """Student blocks from `model.generate`, continuing from its KV cache; top-K from the raw step logits (over the
+    first `vocab_size` token ids, when given: the ids the teacher's head also has)."""
 
     def __init__(self, model, generation_config, top_k: int, vocab_size: int | None = None):
         self.model = model
@@ -130,13 +141,13 @@ class TransformersBlocks:
 
 
 class VLLMBlocks:
-    """Student blocks from TRL's ``VLLMGeneration`` (GPU, vLLM installed), continuing each unfinished sequence.
+    """Student blocks from TRL's `VLLMGeneration` (GPU, vLLM installed), continuing each unfinished sequence.
 
-    vLLM generates ``num_new`` more tokens for each row from its tokens so far (prompt and completion, without
+    vLLM generates `num_new` more tokens for each row from its tokens so far (prompt and completion, without
     padding); the student's top-K at the new positions comes from the training student's own forward pass over
-    them, with a KV cache kept across blocks. Needs ``vllm_mode="colocate"`` with ``vllm_tensor_parallel_size=1``
+    them, with a KV cache kept across blocks. Needs `vllm_mode="colocate"` with `vllm_tensor_parallel_size=1`
     (each process generates its own rows, whose number differs between processes). The top-K is over the first
-    ``vocab_size`` token ids, when given.
+    `vocab_size` token ids, when given.
     """
 
     def __init__(
@@ -197,21 +208,21 @@ def generate_online(
     """Sample one completion per prompt and stop each trajectory once the online release rule says so.
 
     Args:
-        blocks: a block generator (:class:`TransformersBlocks` or :class:`VLLMBlocks`): ``blocks(ids, mask, n)``
-            returns the next (up to) ``n`` tokens ``[A, n']`` of every row, padded after EOS, and the student's
-            top-K ids ``[A, n', K]`` at those positions; ``blocks.keep(rows)`` drops the other rows.
+        blocks: a block generator (`TransformersBlocks` or `VLLMBlocks`): `blocks(ids, mask, n)`
+            returns the next (up to) `n` tokens `[A, n']` of every row, padded after EOS, and the student's
+            top-K ids `[A, n', K]` at those positions; `blocks.keep(rows)` drops the other rows.
         teacher: the teacher causal LM (scores each new token once, through its KV cache).
         tokenizer: for the segmentation.
-        input_ids, attention_mask: ``[B, P]`` left-padded prompts.
+        input_ids, attention_mask: `[B, P]` left-padded prompts.
         max_new_tokens: the completion length limit.
         eos_token_ids: ids that end a completion (kept in it).
         pad_token_id: fills finished rows.
         check_tokens: new tokens per block.
         temperature: teacher log-softmax temperature (the training temperature).
-        segmentation, segment_window: as in ``TeachabilityGKDConfig``.
-        min_segments, patience: of :func:`trl_ltc.release.online_release`.
+        segmentation, segment_window: as in `TeachabilityGKDConfig`.
+        min_segments, patience: of `trl_ltc.release.online_release`.
         chunk_size: positions projected to the vocabulary at a time.
-        vocab_size: the teacher's distribution is taken over the first ``vocab_size`` token ids (those both models'
+        vocab_size: the teacher's distribution is taken over the first `vocab_size` token ids (those both models'
             output heads have, when they are padded to different sizes); default: all its rows.
     """
     batch, device = input_ids.shape[0], input_ids.device
@@ -287,3 +298,111 @@ def generate_online(
         bic_gain=bic_gain.cpu(),
         teacher_time=teacher_time,
     )
+
+
+# The trainer's side: `TeachabilityGKDTrainer` calls these with itself; they read its `spec`, models and generation
+# settings (the parent's `generation_kwargs`, `generation_config`, `vllm_generation`, `eos_token_ids`).
+
+
+def check_online_support(trainer) -> None:
+    """Refuse the setups where the processes' blocks would have to be synchronised, naming the fix."""
+    args, fix = trainer.args, "or set `rollout_truncation='none'`"
+    unsupported = [
+        (bool(trainer.tools), f"tool calling (multi-turn generation); drop `tools` {fix}"),
+        (trainer._is_vlm, f"vision-language models; use a text model {fix}"),
+        (
+            trainer._dist.is_fsdp or trainer._dist.is_zero3,
+            "FSDP or DeepSpeed ZeRO-3: each process stops its own rows, so the sharded models' blocks would have "
+            f"to be synchronised across processes; use DDP or ZeRO-1/2 {fix}",
+        ),
+        (
+            trainer.use_vllm and (args.vllm_mode != "colocate" or args.vllm_tensor_parallel_size != 1),
+            "vLLM in server mode or with tensor parallelism (processes generate different numbers of rows per "
+            f"block); use `vllm_mode='colocate'` with `vllm_tensor_parallel_size=1` {fix}",
+        ),
+    ]
+    for failed, message in unsupported:
+        if failed:
+            raise ValueError(f"`rollout_truncation='online'` does not support {message}.")
+
+
+def trainer_rollout(trainer, prompt_ids: list[list[int]]) -> OnlineRollout:
+    """`generate_online` for the prompts of one generation batch, with the trainer's student, teacher and settings.
+
+    The prompts are left-padded and the student unwrapped for generation as in the parent's `_generate_single_turn`
+    (vLLM weights synced once per step); the blocks are `VLLMBlocks` with vLLM, `TransformersBlocks` otherwise.
+    """
+    args, spec, pad_id = trainer.args, trainer.spec, trainer._tokenizer.pad_token_id
+    prompts = [torch.tensor(ids) for ids in prompt_ids]
+    input_ids = pad(prompts, pad_id, "left", trainer.pad_to_multiple_of).to(trainer.accelerator.device)
+    attention_mask = pad([torch.ones_like(p) for p in prompts], 0, "left", trainer.pad_to_multiple_of)
+    attention_mask = attention_mask.to(trainer.accelerator.device)
+    teacher = trainer.accelerator.unwrap_model(trainer.teacher_model).eval()
+    if trainer.use_vllm and trainer.state.global_step != trainer._last_loaded_step:
+        with profiling_context(trainer, "sync_weights"):
+            trainer.vllm_generation.sync_weights()
+        trainer._last_loaded_step = trainer.state.global_step
+    with (
+        profiling_context(trainer, "online_release.generate"),
+        unwrap_model_for_generation(
+            trainer.model_wrapped,
+            trainer.accelerator,
+            gather_deepspeed3_params=args.ds3_gather_for_generation,
+            generation_kwargs=trainer.generation_kwargs,
+            gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
+        ) as student,
+        torch.no_grad(),
+    ):
+        if trainer.use_vllm:
+            blocks = VLLMBlocks(
+                trainer.vllm_generation, student, spec.release_top_k, pad_id, args.signal_chunk_size,
+                trainer.vocab_size,
+            )  # fmt: skip
+        else:
+            blocks = TransformersBlocks(student, trainer.generation_config, spec.release_top_k, trainer.vocab_size)
+        return generate_online(
+            blocks,
+            teacher,
+            trainer._tokenizer,
+            input_ids,
+            attention_mask,
+            max_new_tokens=trainer.max_completion_length,
+            eos_token_ids=trainer.eos_token_ids,
+            pad_token_id=pad_id,
+            check_tokens=spec.online_check_tokens,
+            temperature=trainer.temperature,
+            segmentation=spec.segmentation,
+            segment_window=spec.segment_window,
+            min_segments=spec.online_min_segments,
+            patience=spec.online_patience,
+            chunk_size=args.signal_chunk_size,
+            vocab_size=trainer.vocab_size,
+        )
+
+
+def log_rollout(trainer, generated: torch.Tensor, stopped: torch.Tensor | None = None, teacher_time: float = 0.0):
+    """Append the rollout metrics of one generation batch, summed over processes, to the trainer's metrics.
+
+    `rollout/generated_tokens`: completion tokens the student generated (with online truncation, including those
+    generated past the kept prefix before the block ended). `rollout/truncated_frac`: fraction of trajectories
+    stopped early. `rollout/saved_tokens_frac`: tokens not generated relative to the offline length estimate,
+    `sum_stopped (L - n_b) / (sum_stopped L + sum_others n_b)` where `n_b` is the number of tokens a trajectory had
+    generated when it stopped (or ended) and `L = max_completion_length` -- a stopped trajectory is counted as if
+    it would have run to the length limit, so this is an upper bound on the true saving.
+    `rollout/teacher_scoring_time`: seconds the teacher spent scoring blocks during generation (mean over
+    processes). The last three only with online truncation (`stopped` given).
+    """
+    online = stopped is not None
+    stopped = torch.zeros_like(generated, dtype=torch.bool) if stopped is None else stopped.bool()
+    limit = trainer.max_completion_length
+    estimate = torch.where(stopped, limit, generated)
+    sums = [generated.sum(), stopped.sum(), stopped.numel(), (estimate - generated).sum(), estimate.sum()]
+    accelerator = trainer.accelerator
+    local = torch.tensor([*map(float, sums), teacher_time], dtype=torch.float64, device=accelerator.device)
+    total = accelerator.gather(local[None]).sum(0).tolist()
+    metrics = trainer._metrics["train" if trainer.model.training else "eval"]
+    metrics["rollout/generated_tokens"].append(total[0])
+    if online:
+        metrics["rollout/truncated_frac"].append(total[1] / max(total[2], 1))
+        metrics["rollout/saved_tokens_frac"].append(total[3] / max(total[4], 1))
+        metrics["rollout/teacher_scoring_time"].append(total[5] / accelerator.num_processes)

@@ -8,10 +8,13 @@ is loaded, so that a wrong column fails in seconds rather than after loading two
 
 from __future__ import annotations
 
+import logging
 import os
 
 from datasets import Dataset, DatasetDict, IterableDataset, load_dataset, load_from_disk
 from trl.data_utils import is_conversational
+
+logger = logging.getLogger(__name__)
 
 PROMPT_COLUMN = "prompt"
 # Local file suffix -> `datasets` builder.
@@ -152,3 +155,34 @@ def truncate_prompt_ids(prompt_ids: list[list[int]], max_length: int) -> tuple[l
     if not truncated:
         return prompt_ids, 0
     return [list(ids[-max_length:]) if len(ids) > max_length else ids for ids in prompt_ids], truncated
+
+
+def truncate_prompts(
+    prompt_ids: list[list[int]], max_length: int, multimodal: bool = False, warn: bool = True
+) -> tuple[list[list[int]], bool]:
+    """`truncate_prompt_ids` as the trainer applies it: refused for prompts with images, reported with a warning.
+
+    Args:
+        prompt_ids: the tokenized prompts of one generation batch.
+        max_length: `max_prompt_length`.
+        multimodal: the prompts carry images (truncating them would cut image tokens: an error).
+        warn: log the warning if a prompt is truncated (the trainer warns once per run).
+
+    Returns:
+        `(prompt_ids, whether any prompt was truncated)`.
+    """
+    longest = max(map(len, prompt_ids), default=0)
+    prompt_ids, truncated = truncate_prompt_ids(prompt_ids, max_length)
+    if truncated and multimodal:
+        raise ValueError(
+            f"A prompt has {longest} tokens, more than `max_prompt_length={max_length}`, and carries images: "
+            "truncating it would cut image tokens. Raise `max_prompt_length` or shorten the prompts."
+        )
+    if truncated and warn:
+        logger.warning(
+            "%d of %d prompts are longer than `max_prompt_length=%d` tokens (the longest has %d) and were "
+            "truncated from the left, keeping their end. Raise `max_prompt_length` to keep them whole. This "
+            "warning is shown once.",
+            truncated, len(prompt_ids), max_length, longest,
+        )  # fmt: skip
+    return prompt_ids, truncated > 0

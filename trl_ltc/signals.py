@@ -22,9 +22,11 @@ import math
 from typing import NamedTuple
 
 import torch
+from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 
 from .release import LOG_PROB_FLOOR, support_margin
+from .spec import check_top_k
 from .teachability import TeachabilityFeatures, features_from_logprobs
 
 # Logits per projection chunk when `chunk_size` is not given (positions = this / vocabulary size).
@@ -127,8 +129,9 @@ class _ChunkedSignals(ChunkedLogProbFunction):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, student, teacher, top_k, feature_k, chunk_size):
+        device_type = hidden.device.type
         compute_dtype = (
-            torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+            torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
         )
         teacher_head, teacher_hidden = teacher
         n_tokens, vocab = hidden.shape[0], weight.shape[0]
@@ -188,6 +191,15 @@ NON_FINITE_ADVICE = {
 }
 
 
+# Why the loss of finite signals can still be non-finite, by `loss_type`.
+NON_FINITE_LOSS_CAUSE = {
+    "parent": "The parent's divergence is infinite where the teacher gives a token probability 0 (a -inf logit, "
+    "e.g. a masked vocabulary) that the student does not; use loss_type='advantage', whose teacher "
+    "log-probabilities are floored at log(1e-12).",
+    "advantage": "Both models' logits were finite; please report this with the run's config.",
+}
+
+
 def _check_finite(values: torch.Tensor, model: str, allow_neg_inf: bool = False) -> None:
     # One reduction over per-token values the pass computes anyway: NaN or +inf anywhere in a row of logits makes the
     # row's log-normaliser (student) or log-softmax (teacher) NaN/inf.
@@ -229,8 +241,8 @@ def signals_from_hidden(
     student_head, teacher_head = shared_heads(student_head, teacher_head)
     vocab = student_head.weight.shape[0]
     for name, k in (("top_k", top_k), ("feature_k", feature_k)):
-        if k is not None and not 1 <= k <= vocab:
-            raise ValueError(f"`{name}` must be in [1, {vocab}] (the vocabulary size); got {k}.")
+        if k is not None:
+            check_top_k(name, k, vocab, minimum=1)
     chunk_size = chunk_size or max(1, _LOGITS_PER_CHUNK // vocab)
     valid = mask.bool()
     if rows[0] != rows[1] and bool((outside := targets[valid] >= vocab).any()):
@@ -263,6 +275,41 @@ def signals_from_hidden(
     return TokenSignals(student_logprobs, teacher_logprobs, margins, entropy, features)
 
 
+def weighted_divergence(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    mask: torch.Tensor,
+    weights: torch.Tensor,
+    student_head: OutputHead,
+    teacher_head: OutputHead,
+    beta: float,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """`sum_t w_t * D_t` over the positions where `mask` is non-zero, `D_t` the parent's generalized JSD per token.
+
+    `D_t` is `trl.DistillationTrainer`'s divergence (`beta`: 0 forward KL, 1 reverse KL, else generalized JSD),
+    computed by TRL's `ChunkedDivergenceFunction` over the token ids both heads have (`shared_heads`); with `weights`
+    equal to `mask` the sum is the parent's loss before its division by the number of tokens.
+
+    Args:
+        student_hidden, teacher_hidden: `[B, T, H_s]`, `[B, T, H_t]` hidden states aligned to their targets.
+        mask: `[B, T]`, non-zero on the positions of the loss.
+        weights: `[B, T]` per-token weights (the supervision weights).
+        student_head, teacher_head: the output heads.
+        beta: the parent's `beta`.
+        temperature: logits are divided by it before every softmax.
+    """
+    valid = mask.bool()
+    student_head, teacher_head = shared_heads(student_head, teacher_head)
+    per_token, _ = ChunkedDivergenceFunction.apply(
+        student_hidden[valid], *student_head[:2],
+        teacher_hidden[valid], *teacher_head[:2],
+        beta, temperature,
+        student_head.logit_scale, student_head.softcap, teacher_head.logit_scale, teacher_head.softcap,
+    )  # fmt: skip
+    return (weights[valid] * per_token).sum()
+
+
 def last_hidden_state(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The backbone's last hidden states `[B, L, H]` of a causal LM or of a PEFT model wrapping one."""
     if hasattr(model, "get_base_model"):
@@ -284,8 +331,8 @@ def token_signals(
     """Per-token OPD signals of two causal LMs on the same token sequences.
 
     Args:
-        student, teacher: causal LMs (or PEFT models) sharing a tokenizer; their output heads may be padded to different
-            sizes (the signals are taken over the ids both have, see `shared_heads`).
+        student, teacher: causal LMs (or PEFT models) sharing a tokenizer; their output heads may be padded to
+            different sizes (the signals are taken over the ids both have, see `shared_heads`).
         input_ids, attention_mask: `[B, L]` prompt + completion tokens (either padding side).
         completion_mask: `[B, L]`, 1 on the completion tokens that get signals.
         top_k: K of the teacher margin (formula 4), or `None` to skip it.

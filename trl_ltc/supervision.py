@@ -202,8 +202,8 @@ def supervision_stats(
     the active policy (`kept_token_frac`). With `null_generator`, `release/accepted_frac_null` is the acceptance rate
     of the same change point on each trajectory's segment scores shuffled with that generator (`null_change_point`, the
     only draw from it): what the rule accepts on these scores without their order. `margin/prefix_mean` and
-    `margin/suffix_mean` are the mean margins on kept and released tokens; `advantage/mean` and `advantage/std` are over
-    supervised tokens (the std is rebuilt from the sums of `A` and `A^2`).
+    `margin/suffix_mean` are the mean margins on kept and released tokens; `advantage/mean` and `advantage/std` are
+    over supervised tokens (the std is rebuilt from the sums of `A` and `A^2`).
     """
     mask = loss_mask > 0
     kept = (supervision.weights > 0) & mask
@@ -252,3 +252,11 @@ def reduce_stats(totals: dict[str, tuple[float, float]]) -> dict[str, float]:
         mean = out["advantage/mean"]
         out["advantage/std"] = math.sqrt(max(s / c - mean * mean, 0.0)) if c > 0 else math.nan
     return out
+
+
+def gather_stats(stats: dict[str, tuple[torch.Tensor, torch.Tensor]], gather) -> dict[str, float]:
+    """`reduce_stats` of `supervision_stats` summed over processes: `gather` is `accelerator.gather` (one call)."""
+    names = sorted(stats)
+    local = torch.stack([torch.stack([s.float(), c.float()]) for s, c in (stats[n] for n in names)])
+    total = gather(local[None]).sum(0).tolist()
+    return reduce_stats(dict(zip(names, map(tuple, total))))
