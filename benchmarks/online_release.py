@@ -34,7 +34,7 @@ def run(args) -> None:
     from trl_ltc import embedded
     from trl_ltc.distill import build_trainer
     from trl_ltc.evaluation import heldout_reverse_kl
-    from trl_ltc.quickstart import _heldout_prompts, recipe_path
+    from trl_ltc.quickstart import heldout_prompts, recipe_path
 
     out = ROOT / f"{args.mode}-seed{args.seed}"
     teacher_dir, student_dir = embedded.prepare_smollm2_pair()
@@ -66,7 +66,7 @@ def run(args) -> None:
         trainer.accelerator.unwrap_model(trainer.model),
         trainer.accelerator.unwrap_model(trainer.teacher_model),
         trainer.processing_class,
-        _heldout_prompts(args.eval_prompts),
+        heldout_prompts(args.eval_prompts),
         max_new_tokens=trainer.args.max_completion_length,
         batch_size=16,
         seed=0,

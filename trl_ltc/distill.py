@@ -1,8 +1,9 @@
-"""`trl-ltc distill`: train a student with `TeachabilityGKDTrainer` from a YAML recipe and/or command-line flags.
+"""Building a `TeachabilityGKDTrainer` from a YAML recipe and/or command-line flags (`trl-ltc distill`).
 
-The counterpart of `trl/scripts/distillation.py`: the same `TrlParser` over TRL's `ScriptArguments`, the trainer's
-config (`TeachabilityGKDConfig`), `ModelConfig` and `DatasetMixtureConfig`, so every TRL flag works, plus the
-supervision fields (`--supervision`, `--release_top_k`, ...). Flags override the values of `--config`.
+The library side of `trl-ltc distill` (`trl_ltc.commands.distill`), the counterpart of `trl/scripts/distillation.py`:
+the same `TrlParser` over TRL's `ScriptArguments`, the trainer's config (`TeachabilityGKDConfig`), `ModelConfig` and
+`DatasetMixtureConfig`, so every TRL flag works, plus the supervision fields (`--supervision`, `--release_top_k`,
+...). Flags override the values of `--config`.
 
     trl-ltc distill --config configs/qwen3-1.7b_from_qwen3-30b-a3b.yaml --output_dir out
     accelerate launch --config_file configs/accelerate/multi_gpu.yaml scripts/distill.py --config RECIPE.yaml
@@ -24,7 +25,6 @@ from trl import (
     DatasetMixtureConfig,
     ModelConfig,
     ScriptArguments,
-    TrlParser,
     get_dataset,
     get_peft_config,
     get_quantization_config,
@@ -34,10 +34,6 @@ from .config import TeachabilityGKDConfig
 from .prompts import PROMPT_COLUMN, load_prompt_dataset, prepare_prompt_dataset
 
 logger = logging.getLogger(__name__)
-DESCRIPTION = (
-    "Train a student with TeachabilityGKDTrainer (on-policy distillation with teachability-aware supervision). "
-    "Every field below can be set in the YAML given to --config; flags override it."
-)
 
 
 @dataclass
@@ -61,28 +57,6 @@ class DistillScriptArguments(ScriptArguments):
 
 
 DATACLASS_TYPES = (DistillScriptArguments, TeachabilityGKDConfig, ModelConfig, DatasetMixtureConfig)
-
-
-def build_parser(prog: str = "trl-ltc distill") -> TrlParser:
-    """The `TrlParser` of `trl-ltc distill`; `parse_args_and_config(argv)` returns the four dataclasses in order."""
-    return TrlParser(DATACLASS_TYPES, prog=prog, description=DESCRIPTION)
-
-
-def parse_args(argv: list[str] | None = None):
-    """`build_parser().parse_args_and_config(argv)`: the four dataclasses, in order.
-
-    GPU recipes set `bf16: true`; on a machine without a bf16-capable GPU transformers refuses it with a message that
-    does not say how to override a recipe, so the error here names the flags that do.
-    """
-    try:
-        return build_parser().parse_args_and_config(argv)
-    except ValueError as error:
-        if "support bf16" not in str(error):  # transformers: "Your setup doesn't support bf16/gpu."
-            raise
-        raise ValueError(
-            f"{error} To run a GPU recipe (`bf16: true`) on this machine, pass `--bf16 false --use_cpu true` (flags "
-            "override the recipe), or set `bf16: false` and `use_cpu: true` in the YAML."
-        ) from error
 
 
 def load_prompts(script_args: DistillScriptArguments, training_args: TeachabilityGKDConfig, dataset_args):
@@ -138,6 +112,8 @@ def load_teacher(argv: list[str]):
     to `build_trainer(..., teacher_model=...)` so that several trainers share one teacher in memory."""
     from trl.trainer.utils import create_model_from_path
 
+    from .commands.distill import parse_args
+
     _, training_args, model_args, _ = parse_args(argv)
     if training_args.teacher_model_name_or_path is None:
         raise ValueError("Set the teacher with `--teacher_model_name_or_path` (a Hub id or a local directory).")
@@ -156,6 +132,7 @@ def build_trainer(argv: list[str] | None = None, teacher_model=None):
     Returns:
         `(trainer, (script_args, training_args, model_args, dataset_args))`.
     """
+    from .commands.distill import parse_args
     from .trainer import TeachabilityGKDTrainer
 
     script_args, training_args, model_args, dataset_args = parse_args(argv)
@@ -194,20 +171,15 @@ def build_trainer(argv: list[str] | None = None, teacher_model=None):
     return trainer, (script_args, training_args, model_args, dataset_args)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`trl-ltc distill`: build the trainer, train, save the model (or LoRA adapter) to `output_dir`, push if asked."""
-    trainer, (script_args, training_args, _, _) = build_trainer(argv)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    trainer.save_state()  # trainer_state.json: the logged metrics, read back by `trl-ltc compare`
-    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
-        trainer.accelerator.print(f"Model pushed to https://huggingface.co/{trainer.hub_model_id}.")
-    if hasattr(trainer, "end"):  # transformers >= 5.18: finish the trackers, destroy the process group
-        trainer.end()
-    return 0
+def __getattr__(name):  # the command line, now in `trl_ltc.commands.distill`
+    if name in ("DESCRIPTION", "build_parser", "parse_args", "main"):
+        from .commands import distill
+
+        return getattr(distill, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":
+    from .commands.distill import main
+
     sys.exit(main())
