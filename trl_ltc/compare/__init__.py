@@ -55,16 +55,15 @@ import os
 import shlex
 import statistics
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
 
-from . import embedded, lab
-from .config import SUPERVISIONS
-from .reporting import format_duration
+from .. import embedded, lab
+from ..config import SUPERVISIONS
+from ..reporting import format_duration
 
 CONFIG = "compare_quickstart.yaml"
 PRESETS = ("quickstart", "lab")
@@ -263,7 +262,7 @@ def _evaluation_settings(evaluation: Evaluation) -> dict:
 
 def recipe_path(name: str = CONFIG) -> str:
     """`configs/<name>` of the source tree, else (non-editable install) its identical copy in the package."""
-    from .quickstart import recipe_path as find
+    from ..quickstart import recipe_path as find
 
     return find(name)
 
@@ -377,7 +376,7 @@ def _eval_sets(raw, preset: str | None) -> list[EvalSet]:
         eval_set = EvalSet(**entry)
         _positive_int(f"{where}.num_problems", eval_set.num_problems, allow_none=True)
         _positive_int(f"{where}.num_samples", eval_set.num_samples)
-        from .evaluation import ANSWER_TYPES
+        from ..evaluation import ANSWER_TYPES
 
         if eval_set.answer_type not in ANSWER_TYPES:
             _fail(f"{where}.answer_type", f"must be one of {', '.join(ANSWER_TYPES)}; got {eval_set.answer_type!r}.")
@@ -565,7 +564,7 @@ def _check_runs(comparison: Comparison) -> None:
     """Parse every run's recipe as `trl-ltc distill` will, so that a bad field fails now, not an hour in."""
     import tempfile
 
-    from .distill import parse_args
+    from ..distill import parse_args
 
     with tempfile.TemporaryDirectory() as scratch:
         for policy in comparison.policies:
@@ -615,7 +614,7 @@ def train_run(run: Run, teacher=None) -> dict:
     In-process (no `launcher`) the trainer shares `teacher`; with a launcher, `trl-ltc distill` runs in that
     subprocess (e.g. `accelerate launch` over several GPUs) and the summary is read from its `trainer_state.json`.
     """
-    from .reporting import mean_train_metrics
+    from ..reporting import mean_train_metrics
 
     recipe = run.directory / RECIPE_FILE
     launcher = run.comparison.launcher
@@ -629,7 +628,7 @@ def train_run(run: Run, teacher=None) -> dict:
         runtime = next((log["train_runtime"] for log in reversed(log_history) if "train_runtime" in log), None)
         train_seconds = runtime if runtime is not None else time.perf_counter() - start
     else:
-        from .distill import build_trainer
+        from ..distill import build_trainer
 
         trainer, _ = build_trainer(["--config", str(recipe)], teacher_model=teacher)
         train_start = time.perf_counter()
@@ -658,14 +657,14 @@ def train_run(run: Run, teacher=None) -> dict:
 
 
 def _model_dtype(comparison: Comparison):
-    from .evaluation import resolve_device_dtype
+    from ..evaluation import resolve_device_dtype
 
     dtype = comparison.distill.get("dtype") or "auto"
     return resolve_device_dtype(None, dtype if dtype in ("float32", "bfloat16", "float16") else "auto")
 
 
 def _vllm_rollouts(model_dir: str, tokenizer, prompts: list, comparison: Comparison, eval_set: EvalSet):
-    from .generation import sample_completions_vllm
+    from ..generation import sample_completions_vllm
 
     repeated = [prompt for prompt in prompts for _ in range(eval_set.num_samples)]
     evaluation = comparison.evaluation
@@ -688,7 +687,7 @@ class _Problems:
 
     def __call__(self, eval_set: EvalSet) -> tuple[list, list]:
         if eval_set.name not in self._cache:
-            from .evaluation import load_eval_problems
+            from ..evaluation import load_eval_problems
 
             self._cache[eval_set.name] = load_eval_problems(
                 eval_set.dataset, eval_set.split, eval_set.config, eval_set.prompt_column, eval_set.answer_column,
@@ -713,7 +712,7 @@ def evaluate_target(model, teacher, tokenizer, comparison: Comparison, problems,
     `greedy: true` also gets `accuracy_greedy` (one greedy completion per problem); `evaluation.release_prefix` adds
     `reverse_kl_prefix`, the KL on the tokens the release rule keeps of each sample.
     """
-    from .evaluation import evaluate_model
+    from ..evaluation import evaluate_model
 
     evaluation, results = comparison.evaluation, {}
     release = release_settings(comparison.distill) if evaluation.release_prefix and teacher is not None else None
@@ -764,7 +763,7 @@ class _Models:
 
     def teacher(self):
         if self._teacher is None:
-            from .distill import load_teacher
+            from ..distill import load_teacher
 
             print(f"Loading the teacher {self.comparison.teacher} ...", flush=True)
             self._teacher = load_teacher(["--config", str(self.first_recipe)])
@@ -779,8 +778,8 @@ def collapse_diagnostics(comparison: Comparison, models: _Models) -> dict:
     files in `<output_dir>/diagnose`, key numbers in its `collapse.json` (resumable), and `median_release`: the median
     over trajectories of the release position in tokens (the whole completion where no drop is accepted), which the
     `fixed_prefix_length: median_release` control takes."""
-    from .diagnostics import release_cut, summarize
-    from .evaluation import load_eval_problems, load_for_evaluation
+    from ..diagnostics import release_cut, summarize
+    from ..evaluation import load_eval_problems, load_for_evaluation
 
     d, diag = comparison.distill, comparison.diagnostics
     out = comparison.output_dir / DIAGNOSE_DIR
@@ -801,7 +800,7 @@ def collapse_diagnostics(comparison: Comparison, models: _Models) -> dict:
     device, dtype = _model_dtype(comparison)
     student, tokenizer = load_for_evaluation(comparison.student, dtype=dtype, device=device)
     release = release_settings(d)
-    from .diagnostics import diagnose
+    from ..diagnostics import diagnose
 
     diagnose(
         student, models.teacher(), tokenizer, prompts, out, top_k=release["top_k"],
@@ -872,7 +871,7 @@ def run_comparison(comparison: Comparison) -> dict:
                 if comparison.evaluation.release_prefix:
                     metrics["reverse_kl_prefix"] = 0.0
         else:
-            from .evaluation import load_for_evaluation
+            from ..evaluation import load_for_evaluation
 
             device, dtype = _model_dtype(comparison)
             student, tokenizer = load_for_evaluation(comparison.student, dtype=dtype, device=device)
@@ -934,7 +933,7 @@ def _tokenizer(path: str):
 
 
 def _evaluate_run(run: Run, models: _Models, problems) -> dict:
-    from .evaluation import load_for_evaluation
+    from ..evaluation import load_for_evaluation
 
     device, dtype = _model_dtype(run.comparison)
     teacher = models.teacher()
@@ -1273,13 +1272,8 @@ def write_results(
 
 def __getattr__(name):  # the command line, now in `trl_ltc.commands.compare`
     if name in ('build_parser', 'main'):
-        from .commands import compare
+        from ..commands import compare
 
         return getattr(compare, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-
-if __name__ == "__main__":
-    from .commands.compare import main
-
-    sys.exit(main())

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import torch
 
-from .generation import Rollouts, eos_ids, sample_completions
-from .signals import OutputHead, last_hidden_state, shared_heads, shared_vocab_size
+from ..generation import Rollouts, eos_ids, sample_completions
+from ..signals import OutputHead, last_hidden_state, shared_heads, shared_vocab_size
 
 __all__ = [
     "ANSWER_TYPES",
@@ -157,9 +157,9 @@ def release_prefix_mask(
     """`[B, C]` bool: the completion tokens `supervision="release"` would keep on these rollouts (the prefix before
     the accepted change point of the teacher margin, or the whole completion), computed with the trainer's functions
     (`token_signals`, `segment_completions`, `supervision_weights`)."""
-    from .segmentation import segment_completions
-    from .signals import token_signals
-    from .supervision import supervision_weights
+    from ..segmentation import segment_completions
+    from ..signals import token_signals
+    from ..supervision import supervision_weights
 
     rows = rollouts.prompt_ids.shape[0]
     batch_size = batch_size or max(rows, 1)
@@ -450,7 +450,7 @@ def load_eval_problems(
     by the text) is applied to text prompts first; `prompt_as_chat` then wraps them into a user message.
     `answer_column=None` gives no answers.
     """
-    from .prompts import PROMPT_COLUMN, load_prompt_dataset, prepare_prompt_dataset
+    from ..prompts import PROMPT_COLUMN, load_prompt_dataset, prepare_prompt_dataset
 
     if num_problems is not None and num_problems < 1:
         raise ValueError(f"`num_problems` must be >= 1 (or unset for all); got {num_problems}.")
@@ -518,7 +518,7 @@ def load_for_evaluation(path: str, base_model: str | None = None, dtype=torch.fl
 
 def __getattr__(name):  # the command line, now in `trl_ltc.commands.evaluate`
     if name in ('build_parser', 'format_metrics', 'main'):
-        from .commands import evaluate
+        from ..commands import evaluate
 
         return getattr(evaluate, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -101,7 +101,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from .segmentation import decode_with_offsets
+from ..segmentation import decode_with_offsets
 
 logger = logging.getLogger(__name__)
 
@@ -440,7 +440,7 @@ def null_acceptance(records: Sequence[dict], seed: int = 0) -> list[bool]:
     themselves, then ``bic_change_point``) with a generator seeded with ``seed + NULL_SEED_OFFSET``, so the same
     records and seed always give the same answers. Records without two segments are never accepted.
     """
-    from .release import NULL_SEED_OFFSET, null_change_point
+    from ..release import NULL_SEED_OFFSET, null_change_point
 
     if not records:
         return []
@@ -485,7 +485,7 @@ def online_replay(
     Returns:
         One dict of ``online_*`` fields per record, in order.
     """
-    from .release import online_release
+    from ..release import online_release
 
     if check_tokens < 1:
         raise ValueError(f"check_tokens must be >= 1; got {check_tokens}")
@@ -1084,11 +1084,11 @@ def diagnose(
     """
     from tqdm.auto import tqdm
 
-    from .generation import sample_completions
-    from .segmentation import segment_completions
-    from .signals import shared_vocab_size, token_signals
-    from .supervision import supervision_weights
-    from .teachability import TeachabilityFeatures
+    from ..generation import sample_completions
+    from ..segmentation import segment_completions
+    from ..signals import shared_vocab_size, token_signals
+    from ..supervision import supervision_weights
+    from ..teachability import TeachabilityFeatures
 
     vocab = shared_vocab_size(student, teacher)  # the token ids both output heads have (they may be padded)
     for k in (top_k, *top_k_sweep):
@@ -1197,7 +1197,7 @@ def _trimmed(rollouts, rows: slice):
 
 def _load_prompts(name_or_path: str, config: str | None, split: str):
     """The prompt dataset (``trl_ltc.prompts``: local file, ``save_to_disk`` directory or ``datasets`` name), checked."""
-    from .prompts import load_prompt_dataset, validate_prompt_dataset
+    from ..prompts import load_prompt_dataset, validate_prompt_dataset
 
     dataset = load_prompt_dataset(name_or_path, config=config, split=split)
     validate_prompt_dataset(dataset, name_or_path)
@@ -1339,7 +1339,7 @@ class ReleaseDiagnosticsCallback(TrainerCallback):
 
 def __getattr__(name):  # the command line, now in `trl_ltc.commands.diagnose`
     if name in ('build_parser', 'main'):
-        from .commands import diagnose
+        from ..commands import diagnose
 
         return getattr(diagnose, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
