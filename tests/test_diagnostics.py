@@ -606,3 +606,14 @@ def test_preset_quickstart_uses_the_embedded_pair(pair, monkeypatch, tmp_path):
     assert diagnose_command.main(["--preset", "quickstart", "--num_prompts", "2", "--output_dir", str(tmp_path)]) == 0
     assert (seen["student"], seen["teacher"]) == (str(pair / "student"), str(pair / "teacher"))
     assert seen["prompts"] == PROMPTS[:2] and seen["prompt_ids"] == ["p0", "p1"]
+
+
+def test_importing_the_trainer_loads_neither_plots_nor_analysis():
+    import subprocess
+
+    code = (
+        "import sys, trl_ltc.trainer; "
+        "print(sorted(m for m in sys.modules if m.startswith('trl_ltc.diagnostics.')), 'matplotlib' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["['trl_ltc.diagnostics.callback',", "'trl_ltc.diagnostics.records']", "False"]

@@ -7,15 +7,9 @@ import json
 import os
 from pathlib import Path
 
-from ..diagnostics import (
-    DEFAULT_BINS,
-    _load_prompts,
-    diagnose,
-    online_replay,
-    online_summary_lines,
-    summarize_online,
-    write_records,
-)
+from ..diagnostics.analysis import online_replay, online_summary_lines, summarize_online
+from ..diagnostics.pipeline import _load_prompts, diagnose
+from ..diagnostics.records import DEFAULT_BINS, write_records
 from ..segmentation import SEGMENTATION_METHODS
 from ..teachability import TOKEN_SCORES
 

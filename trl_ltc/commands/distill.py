@@ -9,7 +9,6 @@ from trl import TrlParser
 
 from ..distill import DATACLASS_TYPES, build_trainer
 
-
 DESCRIPTION = (
     "Train a student with TeachabilityGKDTrainer (on-policy distillation with teachability-aware supervision). "
     "Every field below can be set in the YAML given to --config; flags override it."
