@@ -32,6 +32,7 @@ def run(args) -> None:
     from transformers import TrainerCallback
 
     from trl_ltc import embedded
+    from trl_ltc.commands.distill import parse_args
     from trl_ltc.distill import build_trainer
     from trl_ltc.evaluation import heldout_reverse_kl
     from trl_ltc.quickstart import heldout_prompts, recipe_path
@@ -47,7 +48,7 @@ def run(args) -> None:
     if args.mode == "online":
         argv += ["--rollout_truncation", "online", "--online_check_tokens", str(args.check_tokens)]
     argv += args.extra
-    trainer, _ = build_trainer(argv)
+    trainer = build_trainer(*parse_args(argv))
 
     class StepTimer(TrainerCallback):
         times: list[float] = []

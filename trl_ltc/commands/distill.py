@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from trl import TrlParser
 
-from ..distill import DATACLASS_TYPES, build_trainer
+from ..distill import DATACLASS_TYPES, build_trainer, explain_bf16
 
 DESCRIPTION = (
     "Train a student with TeachabilityGKDTrainer (on-policy distillation with teachability-aware supervision). "
@@ -21,25 +21,16 @@ def build_parser(prog: str = "trl-ltc distill") -> TrlParser:
 
 
 def parse_args(argv: list[str] | None = None):
-    """`build_parser().parse_args_and_config(argv)`: the four dataclasses, in order.
-
-    GPU recipes set `bf16: true`; on a machine without a bf16-capable GPU transformers refuses it with a message that
-    does not say how to override a recipe, so the error here names the flags that do.
-    """
-    try:
+    """`build_parser().parse_args_and_config(argv)`: the four dataclasses, in order (see `trl_ltc.distill.recipe_args`
+    for a recipe as a dict). A refused `bf16: true` names the flags that override it (`explain_bf16`)."""
+    with explain_bf16():
         return build_parser().parse_args_and_config(argv)
-    except ValueError as error:
-        if "support bf16" not in str(error):  # transformers: "Your setup doesn't support bf16/gpu."
-            raise
-        raise ValueError(
-            f"{error} To run a GPU recipe (`bf16: true`) on this machine, pass `--bf16 false --use_cpu true` (flags "
-            "override the recipe), or set `bf16: false` and `use_cpu: true` in the YAML."
-        ) from error
 
 
 def main(argv: list[str] | None = None) -> int:
     """`trl-ltc distill`: build the trainer, train, save the model (or LoRA adapter) to `output_dir`, push if asked."""
-    trainer, (script_args, training_args, _, _) = build_trainer(argv)
+    script_args, training_args, model_args, dataset_args = parse_args(argv)
+    trainer = build_trainer(script_args, training_args, model_args, dataset_args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     trainer.save_state()  # trainer_state.json: the logged metrics, read back by `trl-ltc compare`

@@ -7,6 +7,8 @@ import json
 import time
 from pathlib import Path
 
+import yaml
+
 from .. import embedded
 from ..quickstart import METRICS_FILE, format_summary, heldout_prompts, recipe_path
 from ..reporting import mean_train_metrics, show_progress_logs
@@ -47,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     distill_argv = _distill_argv(args, teacher_dir, student_dir) + passthrough
     print("Running the equivalent of: trl-ltc distill " + " ".join(distill_argv), flush=True)
 
-    from ..distill import build_trainer
+    from ..distill import build_trainer, recipe_args
 
-    trainer, _ = build_trainer(distill_argv)
+    trainer = build_trainer(*recipe_args(_recipe(args, teacher_dir, student_dir), passthrough))
     config = trainer.args
     prompts = heldout_prompts(args.eval_prompts)
 
@@ -100,8 +102,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _recipe(args: argparse.Namespace, teacher_dir: str, student_dir: str) -> dict:
+    """The quickstart's `trl-ltc distill` recipe: `configs/quickstart.yaml` with the embedded pair, the bundled
+    prompts and `--output_dir`/`--max_steps` when given (the pass-through flags go over it and win)."""
+    recipe = yaml.safe_load(Path(recipe_path()).read_text(encoding="utf-8"))
+    recipe |= {
+        "model_name_or_path": student_dir,
+        "teacher_model_name_or_path": teacher_dir,
+        "dataset_name": embedded.quickstart_dataset_path("train"),
+    }
+    given = {flag: getattr(args, flag) for flag in ("output_dir", "max_steps")}
+    return recipe | {flag: value for flag, value in given.items() if value is not None}
+
+
 def _distill_argv(args: argparse.Namespace, teacher_dir: str, student_dir: str) -> list[str]:
-    """The `trl-ltc distill` arguments of the quickstart (the pass-through flags go after them and win)."""
+    """The `trl-ltc distill` arguments equivalent to `_recipe` (printed, and kept in the metrics file)."""
     argv = [
         "--config", recipe_path(),
         "--model_name_or_path", student_dir,

@@ -57,6 +57,13 @@ def _check_settings(stored: dict, current: dict, where: Path) -> None:
     )
 
 
+def _recipe_args(path: Path):
+    """The `trl-ltc distill` arguments of a recipe file, read as `trl-ltc distill --config path` reads it."""
+    from ..distill import recipe_args
+
+    return recipe_args(yaml.safe_load(Path(path).read_text()))
+
+
 def train_run(run: Run, teacher=None) -> dict:
     """Train one run; save its model (or adapter) into `run.directory`; return its training summary.
 
@@ -79,7 +86,7 @@ def train_run(run: Run, teacher=None) -> dict:
     else:
         from ..distill import build_trainer
 
-        trainer, _ = build_trainer(["--config", str(recipe)], teacher_model=teacher)
+        trainer = build_trainer(*_recipe_args(recipe), teacher_model=teacher)
         train_start = time.perf_counter()
         trainer.train()
         train_seconds = time.perf_counter() - train_start
@@ -203,7 +210,8 @@ class _Models:
             from ..distill import load_teacher
 
             print(f"Loading the teacher {self.comparison.teacher} ...", flush=True)
-            self._teacher = load_teacher(["--config", str(self.first_recipe)])
+            _, training_args, model_args, _ = _recipe_args(self.first_recipe)
+            self._teacher = load_teacher(training_args, model_args)
         return self._teacher
 
 

@@ -519,23 +519,16 @@ def load_comparison(
 
 def _check_runs(comparison: Comparison) -> None:
     """Parse every run's recipe as `trl-ltc distill` will, so that a bad field fails now, not an hour in."""
-    import tempfile
+    from ..distill import recipe_args
 
-    from ..distill import parse_args
-
-    with tempfile.TemporaryDirectory() as scratch:
-        for policy in comparison.policies:
-            run = Run(policy, comparison.seeds[0], comparison)
-            recipe = Path(scratch) / f"{policy.name}.yaml"
-            recipe.write_text(yaml.safe_dump(run.distill_fields(placeholder=1), sort_keys=False))
-            try:
-                parse_args(["--config", str(recipe)])
-            except (ValueError, TypeError) as error:
-                raise CompareConfigError(f"policy {policy.name!r} ({policy.fields}): {error}") from None
-            except SystemExit:
-                raise CompareConfigError(
-                    f"policy {policy.name!r} ({policy.fields}): invalid distill fields."
-                ) from None
+    for policy in comparison.policies:
+        run = Run(policy, comparison.seeds[0], comparison)
+        try:
+            recipe_args(run.distill_fields(placeholder=1))
+        except (ValueError, TypeError) as error:
+            raise CompareConfigError(f"policy {policy.name!r} ({policy.fields}): {error}") from None
+        except SystemExit:
+            raise CompareConfigError(f"policy {policy.name!r} ({policy.fields}): invalid distill fields.") from None
 
 
 def release_settings(distill: dict) -> dict:
