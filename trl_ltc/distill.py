@@ -12,6 +12,11 @@ the same `TrlParser` over TRL's `ScriptArguments`, the trainer's config (`Teacha
 
 The prompts (`--dataset_name`: a local .json/.jsonl/.parquet/.csv file, a directory or a Hub dataset; or a `datasets:`
 mixture in the YAML) are loaded and checked before any model is loaded.
+
+From Python, without an argument list:
+
+    script_args, training_args, model_args, dataset_args = recipe_args(yaml.safe_load(open("recipe.yaml")))
+    trainer = build_trainer(script_args, training_args, model_args, dataset_args)
 """
 
 from __future__ import annotations

