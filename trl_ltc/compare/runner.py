@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from ..reporting import format_duration
+from ..reporting import format_duration, mean_train_metrics
 from .report import write_results
 from .spec import (
     COLLAPSE_FILE,
@@ -70,8 +70,6 @@ def train_run(run: Run, teacher=None) -> dict:
     In-process (no `launcher`) the trainer shares `teacher`; with a launcher, `trl-ltc distill` runs in that
     subprocess (e.g. `accelerate launch` over several GPUs) and the summary is read from its `trainer_state.json`.
     """
-    from ..reporting import mean_train_metrics
-
     recipe = run.directory / RECIPE_FILE
     launcher = run.comparison.launcher
     start = time.perf_counter()
