@@ -8,7 +8,7 @@
 
 import sys
 
-from trl_ltc.distill import main
+from trl_ltc.commands.distill import main
 
 if __name__ == "__main__":
     sys.exit(main())
