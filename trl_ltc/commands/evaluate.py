@@ -53,7 +53,10 @@ class EvaluateArguments:
     answer_column: str = field(default="answer", metadata={"help": "Column with the reference answers."})
     answer_type: str = field(
         default="math",
-        metadata={"help": "math (math-verify), choice (A-J letters) or statement (the lab task).", "choices": list(ANSWER_TYPES)},
+        metadata={
+            "help": "math (math-verify), choice (A-J letters) or statement (the lab task).",
+            "choices": list(ANSWER_TYPES),
+        },
     )
     preset: str | None = field(
         default=None,

@@ -31,7 +31,9 @@ class QuickstartArguments:
     )
     eval_prompts: int = field(
         default=32,
-        metadata={"help": "Held-out problems on which the reverse KL is measured before and after training (0: skip)."},
+        metadata={
+            "help": "Held-out problems on which the reverse KL is measured before and after training (0: skip)."
+        },
     )
     eval_batch_size: int = field(default=16, metadata={"help": "Problems sampled and scored at a time."})
 
