@@ -347,9 +347,9 @@ def test_distill_under_accelerate_launch_with_two_cpu_processes(tmp_path):
     argv += ["--accelerate_config", str(config), "--num_processes", "2"]
     argv += ["--model_name_or_path", str(tmp_path / "student"), "--teacher_model_name_or_path"]
     argv += [str(tmp_path / "teacher"), "--dataset_name", str(prompts), "--output_dir", str(out)]
-    argv += "--max_steps 1 --per_device_train_batch_size 2 --max_completion_length 8 --use_cpu --report_to none".split()
-    argv += "--bf16 false --gradient_checkpointing false --save_strategy no --segmentation fixed".split()
-    argv += ["--segment_window", "3"]
+    argv += "--max_steps 1 --per_device_train_batch_size 2 --max_completion_length 8 --use_cpu".split()
+    argv += "--report_to none --bf16 false --gradient_checkpointing false --save_strategy no".split()
+    argv += ["--segmentation", "fixed", "--segment_window", "3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     try:
