@@ -66,7 +66,7 @@ def test_quickstart_config_is_the_recipe_it_runs(tmp_path):
     args, passthrough = quickstart_command.build_parser().parse_command(
         ["--config", recipe, "--supervision", "release", "--eval_batch_size", "2"], passthrough=True
     )
-    assert (args.max_steps, args.eval_prompts, args.eval_batch_size) == (3, 5, 2)
+    assert (args.max_steps, args.eval_prompts, args.eval_batch_size) == (3, 32, 2)  # eval_*: flags only
     assert passthrough == ["--supervision", "release"]  # distill's flags go through, in order
     argv = quickstart_command._distill_argv(args, "T", "S", quickstart_command._config_path(["--config", recipe]))
     assert argv[:2] == ["--config", recipe] and argv[argv.index("--max_steps") + 1] == "3"

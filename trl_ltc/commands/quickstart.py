@@ -48,7 +48,9 @@ def build_parser(prog: str = "trl-ltc quickstart") -> CommandParser:
         "and report the held-out teacher-student reverse KL before and after.",
         epilog="Any other `--field value` is passed to `trl-ltc distill` (see `trl-ltc distill --help`) and overrides "
         f"the recipe. `--config RECIPE.yaml`: the `trl-ltc distill` recipe to run instead of {recipe_path()} (the "
-        "teacher, the student and the prompts are still the quickstart's); the options above are read from it too.",
+        "teacher, the student and the prompts are still the quickstart's); its output_dir and max_steps are used, "
+        "while --cache_dir, --eval_prompts and --eval_batch_size are flags only.",
+        config_exclude=("cache_dir", "eval_prompts", "eval_batch_size"),  # not `trl-ltc distill` fields
         allow_abbrev=False,  # never mistake a pass-through flag for an abbreviation of ours
     )
 
