@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -12,46 +13,65 @@ import yaml
 from .. import embedded
 from ..quickstart import METRICS_FILE, format_summary, heldout_prompts, recipe_path
 from ..reporting import mean_train_metrics, show_progress_logs
+from ._args import CommandParser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="trl-ltc quickstart",
+@dataclass
+class QuickstartArguments:
+    """The options of `trl-ltc quickstart`; every other `--field value` goes to `trl-ltc distill`."""
+
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Where the adapter and the metrics go (unset: the recipe's, runs/quickstart)."}
+    )
+    max_steps: int | None = field(default=None, metadata={"help": "Optimizer steps (unset: the recipe's)."})
+    cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where the teacher and the student are built and kept (unset: $TRL_LTC_CACHE, else "
+            "$HF_HOME/trl-ltc)."
+        },
+    )
+    eval_prompts: int = field(
+        default=32,
+        metadata={
+            "help": "Held-out problems on which the reverse KL is measured before and after training (0: skip)."
+        },
+    )
+    eval_batch_size: int = field(default=16, metadata={"help": "Problems sampled and scored at a time."})
+
+
+def build_parser(prog: str = "trl-ltc quickstart") -> CommandParser:
+    """The parser of `trl-ltc quickstart`; `parse_command(argv, passthrough=True)` returns its
+    `QuickstartArguments` and the flags passed through to `trl-ltc distill`."""
+    return CommandParser(
+        [QuickstartArguments],
+        prog=prog,
         description="Distil SmolLM2-135M-Instruct into a noisy copy of itself with the release rule and LoRA, on CPU, "
         "and report the held-out teacher-student reverse KL before and after.",
         epilog="Any other `--field value` is passed to `trl-ltc distill` (see `trl-ltc distill --help`) and overrides "
-        f"the recipe {recipe_path()}.",
+        f"the recipe. `--config RECIPE.yaml`: the `trl-ltc distill` recipe to run instead of {recipe_path()} (the "
+        "teacher, the student and the prompts are still the quickstart's); its output_dir and max_steps are used, "
+        "while --cache_dir, --eval_prompts and --eval_batch_size are flags only.",
+        config_exclude=("cache_dir", "eval_prompts", "eval_batch_size"),  # not `trl-ltc distill` fields
         allow_abbrev=False,  # never mistake a pass-through flag for an abbreviation of ours
     )
-    parser.add_argument("--output_dir", help="where the adapter and the metrics go (recipe: runs/quickstart)")
-    parser.add_argument("--max_steps", type=int, help="optimizer steps (default: the recipe's)")
-    parser.add_argument(
-        "--cache_dir",
-        help="where the teacher and student are built and kept (default: $TRL_LTC_CACHE, else $HF_HOME/trl-ltc)",
-    )
-    parser.add_argument(
-        "--eval_prompts",
-        type=int,
-        default=32,
-        help="held-out problems on which the reverse KL is measured before and after training (0: skip)",
-    )
-    parser.add_argument("--eval_batch_size", type=int, default=16, help="problems sampled and scored at a time")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, passthrough = build_parser().parse_known_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    recipe = _config_path(argv)
+    args, passthrough = build_parser().parse_command(argv, passthrough=True)
     show_progress_logs()
     start = time.perf_counter()
 
     print(f"Preparing the teacher and the student in {embedded.cache_root(args.cache_dir)} ...", flush=True)
     teacher_dir, student_dir = embedded.prepare_smollm2_pair(args.cache_dir)
-    distill_argv = _distill_argv(args, teacher_dir, student_dir) + passthrough
+    distill_argv = _distill_argv(args, teacher_dir, student_dir, recipe) + passthrough
     print("Running the equivalent of: trl-ltc distill " + " ".join(distill_argv), flush=True)
 
     from ..distill import build_trainer, recipe_args
 
-    trainer = build_trainer(*recipe_args(_recipe(args, teacher_dir, student_dir), passthrough))
+    trainer = build_trainer(*recipe_args(_recipe(args, teacher_dir, student_dir, recipe), passthrough))
     config = trainer.args
     prompts = heldout_prompts(args.eval_prompts)
 
@@ -102,23 +122,32 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _recipe(args: argparse.Namespace, teacher_dir: str, student_dir: str) -> dict:
-    """The quickstart's `trl-ltc distill` recipe: `configs/quickstart.yaml` with the embedded pair, the bundled
-    prompts and `--output_dir`/`--max_steps` when given (the pass-through flags go over it and win)."""
-    recipe = yaml.safe_load(Path(recipe_path()).read_text(encoding="utf-8"))
-    recipe |= {
+def _recipe(args: QuickstartArguments, teacher_dir: str, student_dir: str, recipe: str | None = None) -> dict:
+    """The quickstart's `trl-ltc distill` recipe: `recipe` (default `configs/quickstart.yaml`) with the embedded pair,
+    the bundled prompts and `--output_dir`/`--max_steps` when given (the pass-through flags go over it and win)."""
+    fields = yaml.safe_load(Path(recipe or recipe_path()).read_text(encoding="utf-8"))
+    fields |= {
         "model_name_or_path": student_dir,
         "teacher_model_name_or_path": teacher_dir,
         "dataset_name": embedded.quickstart_dataset_path("train"),
     }
     given = {flag: getattr(args, flag) for flag in ("output_dir", "max_steps")}
-    return recipe | {flag: value for flag, value in given.items() if value is not None}
+    return fields | {flag: value for flag, value in given.items() if value is not None}
 
 
-def _distill_argv(args: argparse.Namespace, teacher_dir: str, student_dir: str) -> list[str]:
+def _config_path(argv: list[str]) -> str | None:
+    """The value of `--config` in `argv`, if any."""
+    if "--config" in argv and argv.index("--config") + 1 < len(argv):
+        return argv[argv.index("--config") + 1]
+    return None
+
+
+def _distill_argv(
+    args: QuickstartArguments, teacher_dir: str, student_dir: str, recipe: str | None = None
+) -> list[str]:
     """The `trl-ltc distill` arguments equivalent to `_recipe` (printed, and kept in the metrics file)."""
     argv = [
-        "--config", recipe_path(),
+        "--config", recipe or recipe_path(),
         "--model_name_or_path", student_dir,
         "--teacher_model_name_or_path", teacher_dir,
         "--dataset_name", embedded.quickstart_dataset_path("train"),
