@@ -151,6 +151,16 @@ def _null_summary(records: Sequence[dict]) -> dict[str, float]:
     return {"accepted_frac_null": float(np.mean(nulls))} if nulls else {}
 
 
+def segment_score_batch(records: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The records' segment scores as the batch `bic_change_point` takes: `[N, S_max]` float64 scores, zero-padded,
+    and `[N]` segment counts."""
+    width = max(r["num_segments"] for r in records)
+    scores = torch.zeros(len(records), width, dtype=torch.float64)
+    for row, record in enumerate(records):
+        scores[row, : record["num_segments"]] = torch.tensor(record["segment_scores"], dtype=torch.float64)
+    return scores, torch.tensor([r["num_segments"] for r in records], dtype=torch.long)
+
+
 def null_acceptance(records: Sequence[dict], seed: int = 0) -> list[bool]:
     """`accepted_null` of each record: the change point of formula 6 on its segment scores in a random order.
 
@@ -162,11 +172,7 @@ def null_acceptance(records: Sequence[dict], seed: int = 0) -> list[bool]:
 
     if not records:
         return []
-    width = max(r["num_segments"] for r in records)
-    scores = torch.zeros(len(records), width, dtype=torch.float64)
-    for row, record in enumerate(records):
-        scores[row, : record["num_segments"]] = torch.tensor(record["segment_scores"], dtype=torch.float64)
-    num_segments = torch.tensor([r["num_segments"] for r in records], dtype=torch.long)
+    scores, num_segments = segment_score_batch(records)
     generator = torch.Generator().manual_seed(seed + NULL_SEED_OFFSET)
     return null_change_point(scores, num_segments, generator).accepted.tolist()
 
@@ -209,11 +215,7 @@ def online_replay(
         raise ValueError(f"check_tokens must be >= 1; got {check_tokens}")
     if not records:
         return []
-    width = max(r["num_segments"] for r in records)
-    scores = torch.zeros(len(records), width, dtype=torch.float64)
-    for row, record in enumerate(records):
-        scores[row, : record["num_segments"]] = torch.tensor(record["segment_scores"], dtype=torch.float64)
-    num_segments = torch.tensor([r["num_segments"] for r in records], dtype=torch.long)
+    scores, num_segments = segment_score_batch(records)
     decision = online_release(scores, num_segments, min_segments, patience)
     replayed = []
     for record, stop, release in zip(records, decision.stop_segment.tolist(), decision.release_segment.tolist()):
