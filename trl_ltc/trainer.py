@@ -353,8 +353,8 @@ class TeachabilityGKDTrainer(DistillationTrainer):
             stats["rollout/loss_teacher_time"] = (one * self._loss_teacher_time, one)
         for name, value in gather_stats(stats, self.accelerator.gather).items():
             if name == "rollout/loss_teacher_time":
-                if metrics["rollout/teacher_scoring_time"]:  # the entry of this micro-batch's generation batch
-                    metrics["rollout/teacher_scoring_time"][-1] += value
+                if times := metrics.get("rollout/teacher_scoring_time"):  # the entry of this micro-batch's rollout
+                    times[-1] += value
             else:
                 metrics[name].append(value)
         return output
