@@ -237,6 +237,20 @@ def test_generation_loop_returns_the_teacher_scores_of_the_kept_tokens(tokenizer
     assert (rollout.teacher_logprobs[on] < 0).all()
 
 
+def test_generation_loop_names_a_non_finite_teacher(tokenizer, models):
+    import copy
+
+    from trl_ltc.signals import SignalsError
+
+    student, teacher = models
+    broken = copy.deepcopy(teacher)
+    with torch.no_grad():
+        broken.get_output_embeddings().weight[5] = float("nan")
+    ids, mask = _prompts(tokenizer, batch=2)
+    with pytest.raises(SignalsError, match="The teacher model produced non-finite logits"):
+        _generate(tokenizer, student, broken, ids, mask, max_new_tokens=8)
+
+
 def test_generation_loop_continues_blocks_like_one_generate_call(tokenizer, models):
     """Greedy: the blocks (KV caches continued, stopped rows dropped) generate the tokens of one generate call."""
     from transformers import GenerationConfig

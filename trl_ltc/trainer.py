@@ -233,6 +233,8 @@ class TeachabilityGKDTrainer(DistillationTrainer):
                 "The student model produced non-finite logits (NaN or inf) while sampling completions "
                 f"{self._at_step()}. {NON_FINITE_ADVICE['student']}"
             ) from error
+        except SignalsError as error:  # the teacher's block scoring of an online rollout
+            raise SignalsError(f"{error} Raised while generating {self._at_step()}.") from error
 
     def _at_step(self) -> str:
         step = self.state.global_step
@@ -269,12 +271,13 @@ class TeachabilityGKDTrainer(DistillationTrainer):
             output["online_stopped"] = rollout.stopped.to(self.accelerator.device)
             output["online_bic_gain"] = rollout.bic_gain.to(self.accelerator.device)
             # The teacher's scores of the kept tokens, padded like `completion_ids`: the loss uses them instead of a
-            # teacher forward (`_teacher_scores`).
+            # teacher forward (`_teacher_scores`). A rollout without them leaves the loss to the teacher's forward.
             width = output["completion_ids"].shape[1]
             scores = {"online_teacher_logprobs": rollout.teacher_logprobs, "online_margins": rollout.margins}
             for name, values in scores.items():
-                values = torch.nn.functional.pad(values[:, :width], (0, max(width - values.shape[1], 0)))
-                output[name] = values.to(self.accelerator.device)
+                if rollout.teacher_logprobs is not None and rollout.margins is not None:
+                    values = torch.nn.functional.pad(values[:, :width], (0, max(width - values.shape[1], 0)))
+                    output[name] = values.to(self.accelerator.device)
         if self.spec.needs_global_permutation:
             output["random_release_fraction"] = self._random_release_fractions(output)
         return output
