@@ -32,9 +32,10 @@ def run(args) -> None:
     from transformers import TrainerCallback
 
     from trl_ltc import embedded
+    from trl_ltc.commands.distill import parse_args
     from trl_ltc.distill import build_trainer
     from trl_ltc.evaluation import heldout_reverse_kl
-    from trl_ltc.quickstart import _heldout_prompts, recipe_path
+    from trl_ltc.quickstart import heldout_prompts, recipe_path
 
     out = ROOT / f"{args.mode}-seed{args.seed}"
     teacher_dir, student_dir = embedded.prepare_smollm2_pair()
@@ -47,7 +48,7 @@ def run(args) -> None:
     if args.mode == "online":
         argv += ["--rollout_truncation", "online", "--online_check_tokens", str(args.check_tokens)]
     argv += args.extra
-    trainer, _ = build_trainer(argv)
+    trainer = build_trainer(*parse_args(argv))
 
     class StepTimer(TrainerCallback):
         times: list[float] = []
@@ -66,7 +67,7 @@ def run(args) -> None:
         trainer.accelerator.unwrap_model(trainer.model),
         trainer.accelerator.unwrap_model(trainer.teacher_model),
         trainer.processing_class,
-        _heldout_prompts(args.eval_prompts),
+        heldout_prompts(args.eval_prompts),
         max_new_tokens=trainer.args.max_completion_length,
         batch_size=16,
         seed=0,

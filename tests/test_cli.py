@@ -12,6 +12,11 @@ from trl import DatasetMixtureConfig, ModelConfig
 
 from trl_ltc import TeachabilityGKDConfig, __version__
 from trl_ltc.cli import main
+from trl_ltc.commands.compare import CompareArguments
+from trl_ltc.commands.diagnose import DiagnoseArguments
+from trl_ltc.commands.distill import LaunchArguments
+from trl_ltc.commands.evaluate import EvaluateArguments
+from trl_ltc.commands.quickstart import QuickstartArguments
 from trl_ltc.distill import DistillScriptArguments
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +63,26 @@ def test_distill_help_lists_every_field_with_its_help(capsys):
         "Where the OPD supervision goes. One of: full, fixed_prefix, release" in out
     )
     assert "--use_peft" in out and "--lora_target_modules" in out and "--teacher_model_name_or_path" in out
+    for field in _flags(LaunchArguments):
+        assert f"--{field.name}" in out and " ".join(field.metadata["help"].split()) in out, field.name
+
+
+@pytest.mark.parametrize(
+    ("command", "dataclass_type"),
+    [
+        ("diagnose", DiagnoseArguments),
+        ("evaluate", EvaluateArguments),
+        ("quickstart", QuickstartArguments),
+        ("compare", CompareArguments),
+    ],
+)
+def test_command_help_lists_every_field_with_its_help(capsys, monkeypatch, command, dataclass_type):
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping inside a flag or a help text
+    out = _run(capsys, [command, "--help"])
+    assert out.startswith(f"usage: trl-ltc {command}") and "--config" in out
+    for field in _flags(dataclass_type):
+        assert f"--{field.name}" in out, field.name
+        assert " ".join(field.metadata["help"].split()) in out, field.name
 
 
 def test_unknown_flag_is_an_error():

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from trl_ltc import cli, compare
+from trl_ltc import cli, compare, embedded, lab
 from trl_ltc.compare import (
     CompareConfigError,
     expand_policies,
@@ -18,6 +18,7 @@ from trl_ltc.compare import (
     paired_differences,
     parse_seeds,
     results_table,
+    runner,
 )
 from trl_ltc.config import SUPERVISIONS
 
@@ -148,7 +149,7 @@ def test_command_line_errors_exit_with_the_message(tmp_path, capsys):
 
 
 def test_shipped_configs_cover_every_policy(monkeypatch):
-    monkeypatch.setattr(compare.embedded, "prepare_tiny_pair", lambda directory: ("teacher", "student"))
+    monkeypatch.setattr(embedded, "prepare_tiny_pair", lambda directory: ("teacher", "student"))
     comparison = load_comparison(QUICKSTART, smoke=True, output_dir="/nonexistent/never-written")
     supervisions = {p.fields["supervision"] for p in comparison.policies}
     assert supervisions == set(SUPERVISIONS), "a new policy in config.SUPERVISIONS belongs in the comparison"
@@ -230,8 +231,8 @@ def test_rerun_trains_and_evaluates_nothing(smoke_run, monkeypatch):
 
         return wrapper
 
-    monkeypatch.setattr(compare, "train_run", count("train", train))
-    monkeypatch.setattr(compare, "evaluate_target", count("evaluate", evaluate))
+    monkeypatch.setattr(runner, "train_run", count("train", train))
+    monkeypatch.setattr(runner, "evaluate_target", count("evaluate", evaluate))
     before = _rows(out)
     assert cli.main(argv) == 0
     assert calls == {"train": 0, "evaluate": 0}
@@ -374,10 +375,10 @@ def test_gpqa_rows():
 
 def test_launcher_trains_each_run_in_a_subprocess(tmp_path):
     """`launcher:` runs `trl-ltc distill` in a subprocess; the summary comes back from its trainer_state.json."""
-    teacher, student = compare.embedded.prepare_tiny_pair(tmp_path / "models")
+    teacher, student = embedded.prepare_tiny_pair(tmp_path / "models")
     distill = {**compare.SMOKE_DISTILL, "model_name_or_path": student, "teacher_model_name_or_path": teacher}
-    distill["dataset_name"] = compare.embedded.quickstart_dataset_path("train")
-    eval_set = {"name": "math", "dataset": compare.embedded.quickstart_dataset_path("test"), "num_problems": 2}
+    distill["dataset_name"] = embedded.quickstart_dataset_path("train")
+    eval_set = {"name": "math", "dataset": embedded.quickstart_dataset_path("test"), "num_problems": 2}
     config = tmp_path / "compare.yaml"
     config.write_text(
         yaml.safe_dump({
@@ -406,7 +407,7 @@ LAB = ROOT / "configs" / "compare_lab.yaml"
 
 
 def test_lab_config_is_the_papers_protocol(monkeypatch):
-    monkeypatch.setattr(compare.lab, "prepare_lab_pair", lambda **kwargs: ("teacher", "student"))
+    monkeypatch.setattr(lab, "prepare_lab_pair", lambda **kwargs: ("teacher", "student"))
     comparison = load_comparison(LAB, output_dir="/nonexistent/never-written")
     assert comparison.distill["loss_type"] == "advantage" and comparison.distill["segmentation"] == "newline"
     assert comparison.distill["dataset_name"].endswith("running_sum_mod10_train.jsonl")
@@ -423,7 +424,7 @@ def test_lab_config_is_the_papers_protocol(monkeypatch):
 
 
 def test_median_release_needs_the_diagnostics(tmp_path, monkeypatch):
-    monkeypatch.setattr(compare.lab, "prepare_lab_pair", lambda **kwargs: ("teacher", "student"))
+    monkeypatch.setattr(lab, "prepare_lab_pair", lambda **kwargs: ("teacher", "student"))
     raw = yaml.safe_load(LAB.read_text())
     raw.pop("diagnostics")
     raw["recipe"] = str(ROOT / "configs" / "lab.yaml")

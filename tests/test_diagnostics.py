@@ -15,6 +15,7 @@ import torch
 from helpers import make_model, make_tokenizer, padded_copy
 
 from trl_ltc import cli, diagnostics
+from trl_ltc.commands import diagnose as diagnose_command
 from trl_ltc.diagnostics import (
     ReleaseDiagnosticsCallback,
     margin_curve,
@@ -585,7 +586,7 @@ def test_help_documents_every_option(capsys):
 
 def test_missing_models_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        diagnostics.main(["--dataset", "x.jsonl"])
+        diagnose_command.main(["--dataset", "x.jsonl"])
     assert exit_info.value.code == 2
     assert "--student" in capsys.readouterr().err
 
@@ -601,7 +602,18 @@ def test_preset_quickstart_uses_the_embedded_pair(pair, monkeypatch, tmp_path):
         seen.update(student=student.name_or_path, teacher=teacher.name_or_path, prompts=list(prompts), **kwargs)
         return {}
 
-    monkeypatch.setattr(diagnostics, "diagnose", fake_diagnose)
-    assert diagnostics.main(["--preset", "quickstart", "--num_prompts", "2", "--output_dir", str(tmp_path)]) == 0
+    monkeypatch.setattr(diagnose_command, "diagnose", fake_diagnose)
+    assert diagnose_command.main(["--preset", "quickstart", "--num_prompts", "2", "--output_dir", str(tmp_path)]) == 0
     assert (seen["student"], seen["teacher"]) == (str(pair / "student"), str(pair / "teacher"))
     assert seen["prompts"] == PROMPTS[:2] and seen["prompt_ids"] == ["p0", "p1"]
+
+
+def test_importing_the_trainer_loads_neither_plots_nor_analysis():
+    import subprocess
+
+    code = (
+        "import sys, trl_ltc.trainer; "
+        "print(sorted(m for m in sys.modules if m.startswith('trl_ltc.diagnostics.')), 'matplotlib' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["['trl_ltc.diagnostics.callback',", "'trl_ltc.diagnostics.records']", "False"]

@@ -1,7 +1,9 @@
 """`trl-ltc distill`: recipes, prompt datasets, and tiny end-to-end runs through the command line (CPU)."""
 
+import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,8 @@ from helpers import make_model, make_tokenizer
 
 from trl_ltc import TeachabilityGKDConfig, TeachabilityGKDTrainer
 from trl_ltc.cli import main as cli_main
-from trl_ltc.distill import DistillScriptArguments, build_parser, build_trainer, parse_args
+from trl_ltc.commands.distill import build_parser, parse_args
+from trl_ltc.distill import DistillScriptArguments, build_trainer, recipe_args
 from trl_ltc.prompts import load_prompt_dataset, prepare_prompt_dataset, validate_prompt_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -257,21 +260,22 @@ def test_dataset_errors_come_before_any_model_is_loaded(tmp_path, questions):
     missing = str(tmp_path / "no-such-model")
     argv = _distill_argv({"student": missing, "teacher": missing}, questions, tmp_path / "out")
     with pytest.raises(ValueError, match=r"no 'prompt' column; found columns \['question', 'answer'\]"):
-        build_trainer(argv)
+        build_trainer(*parse_args(argv))
     with pytest.raises(ValueError, match="No prompts: set `--dataset_name`"):
-        build_trainer(_without(argv, "--dataset_name"))
+        build_trainer(*parse_args(_without(argv, "--dataset_name")))
     with pytest.raises(ValueError, match="Set the teacher with `--teacher_model_name_or_path`"):
-        build_trainer(_without(argv, "--teacher_model_name_or_path"))
+        build_trainer(*parse_args(_without(argv, "--teacher_model_name_or_path")))
     with pytest.raises(OSError, match="no-such-model"):  # a valid dataset: now the model path is the problem
-        build_trainer([*argv, "--dataset_prompt_column", "question"])
+        build_trainer(*parse_args([*argv, "--dataset_prompt_column", "question"]))
 
 
-def test_build_trainer_returns_the_trainer_and_the_parsed_arguments(tmp_path, model_dirs, questions):
+def test_build_trainer_takes_the_parsed_arguments(tmp_path, model_dirs, questions):
     extra = (
         "--dataset_prompt_column question --dataset_prompt_as_chat --supervision fixed_prefix --fixed_prefix_length 4"
     )
     argv = _distill_argv(model_dirs, questions, tmp_path, extra)
-    trainer, (script_args, args, model_args, dataset_args) = build_trainer(argv)
+    script_args, args, model_args, dataset_args = parse_args(argv)
+    trainer = build_trainer(script_args, args, model_args, dataset_args)
     assert trainer.args is args and args.supervision == "fixed_prefix" and args.fixed_prefix_length == 4
     assert model_args.model_name_or_path == model_dirs["student"] and dataset_args.datasets == []
     assert trainer.train_dataset[0]["prompt"] == [{"role": "user", "content": "Tom has 0 apples. How many are left?"}]
@@ -288,7 +292,7 @@ def test_dataset_mixture_and_eval_split_from_the_recipe(tmp_path, model_dirs, qu
     }
     recipe.write_text(yaml.safe_dump({**mixture, "dataset_prompt_column": "question", "eval_strategy": "steps"}))
     argv = _without(_distill_argv(model_dirs, questions, tmp_path / "out"), "--dataset_name")
-    trainer, _ = build_trainer(["--config", str(recipe), *argv])
+    trainer = build_trainer(*parse_args(["--config", str(recipe), *argv]))
     assert len(trainer.train_dataset) == len(trainer.eval_dataset) == 2
     prompts = [*trainer.train_dataset["prompt"], *trainer.eval_dataset["prompt"]]
     assert sorted(prompts) == [f"Tom has {i} apples. How many are left?" for i in range(4)]
@@ -350,3 +354,20 @@ def test_cli_lora_saves_only_the_adapter(tmp_path, model_dirs, questions):
     assert len(lora_b) == 2 * 2  # q_proj and v_proj of 2 layers
     assert any(p.abs().sum() > 0 for p in lora_b.values())  # B starts at 0: a non-zero B was trained
     assert all(math.isfinite(p.abs().sum().item()) for p in lora_b.values())
+
+
+def test_recipe_args_reads_a_recipe_as_the_config_flag_does(tmp_path):
+    recipe = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    recipe |= {"learning_rate": "1e-4", "model_name_or_path": "student", "env": {"TRL_LTC_TEST_RECIPE_ENV": "1"}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    flags = ["--max_steps", "3", "--supervision", "full"]
+    from_dict, from_file = recipe_args(recipe, flags), parse_args(["--config", str(path), *flags])
+    assert [type(args) for args in from_dict] == [type(args) for args in from_file]
+    for a, b in zip(from_dict, from_file):
+        assert dataclasses.asdict(a) == dataclasses.asdict(b)
+    _, args, model_args, _ = from_dict
+    assert args.learning_rate == 1e-4 and args.max_steps == 3 and args.supervision == "full"
+    assert model_args.model_name_or_path == "student" and os.environ.pop("TRL_LTC_TEST_RECIPE_ENV") == "1"
+    with pytest.raises(ValueError, match="supervison"):
+        recipe_args({"supervison": "full"})

@@ -162,19 +162,20 @@ def checkpoints(tmp_path_factory):
 
 def _evaluate(checkpoints, tmp_path, model, *extra):
     out = tmp_path / f"{len(list(tmp_path.iterdir()))}.json"
-    argv = ["evaluate", "--model", model, "--teacher", checkpoints["teacher"], "--dataset", checkpoints["problems"]]
+    argv = ["evaluate", "--model_name_or_path", model, "--teacher_model_name_or_path", checkpoints["teacher"]]
+    argv += ["--dataset_name", checkpoints["problems"]]
     argv += [
         "--num_problems",
         "3",
         "--num_samples",
         "2",
-        "--max_new_tokens",
+        "--max_completion_length",
         "6",
         "--batch_size",
         "4",
-        "--no_progress",
+        "--disable_tqdm",
     ]
-    assert cli.main([*argv, "--output", str(out), *extra]) == 0
+    assert cli.main([*argv, "--output_dir", str(out), *extra]) == 0
     return json.loads(out.read_text()), out
 
 
@@ -206,8 +207,9 @@ def test_evaluate_command_on_a_model_and_a_lora_adapter(checkpoints, tmp_path, c
 
 
 def test_evaluate_command_default_output_in_the_model_folder(checkpoints):
-    argv = ["evaluate", "--model", checkpoints["adapter"], "--teacher", checkpoints["teacher"], "--dataset"]
-    argv += [checkpoints["problems"], "--num_problems", "1", "--max_new_tokens", "2", "--no_progress"]
+    argv = ["evaluate", "--model_name_or_path", checkpoints["adapter"], "--teacher_model_name_or_path"]
+    argv += [checkpoints["teacher"], "--dataset_name", checkpoints["problems"], "--num_problems", "1"]
+    argv += ["--max_completion_length", "2", "--disable_tqdm"]
     assert cli.main(argv) == 0
     path = Path(checkpoints["adapter"]) / "eval_metrics.json"
     assert json.loads(path.read_text())["num_problems"] == 1
@@ -216,11 +218,45 @@ def test_evaluate_command_default_output_in_the_model_folder(checkpoints):
 
 def test_evaluate_command_errors(checkpoints, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["evaluate", "--model", checkpoints["student"], "--dataset", checkpoints["problems"]])
+        argv = ["--model_name_or_path", checkpoints["student"], "--dataset_name", checkpoints["problems"]]
+        cli.main(["evaluate", *argv])
     assert exit_info.value.code == 2
-    assert "missing --teacher" in capsys.readouterr().err
+    assert "missing --teacher_model_name_or_path" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        cli.main(["evaluate", "--model", "m", "--teacher", "t", "--dataset", "d", "--num_samples", "0"])
+        argv = ["--model_name_or_path", "m", "--teacher_model_name_or_path", "t", "--dataset_name", "d"]
+        cli.main(["evaluate", *argv, "--num_samples", "0"])
     assert "--num_samples must be >= 1" in capsys.readouterr().err
     with pytest.raises(ValueError, match="only for LoRA adapter"):
         load_for_evaluation(checkpoints["student"], base_model=checkpoints["teacher"])
+
+
+def test_evaluate_command_old_flag_spellings_still_work(checkpoints, tmp_path):
+    new, _ = _evaluate(checkpoints, tmp_path, checkpoints["student"])
+    out = tmp_path / "old.json"
+    argv = ["evaluate", "--model", checkpoints["student"], "--teacher", checkpoints["teacher"], "--dataset"]
+    argv += [checkpoints["problems"], "--dataset_split", "train", "--prompt_column", "prompt", "--num_problems", "3"]
+    argv += ["--num_samples", "2", "--max_new_tokens", "6", "--batch_size", "4", "--no_progress", "--output", str(out)]
+    with pytest.warns(FutureWarning, match="--max_new_tokens` is deprecated.*--max_completion_length"):
+        assert cli.main(argv) == 0
+    old = json.loads(out.read_text())
+    old.pop("seconds"), new.pop("seconds")
+    assert old == new  # same options, same metrics, same keys
+
+
+def test_evaluate_command_with_a_distill_recipe(checkpoints, tmp_path):
+    """`--config RECIPE --model_name_or_path CHECKPOINT`: the recipe's teacher, prompts and completion length."""
+    recipe = tmp_path / "recipe.yaml"
+    fields = {
+        "model_name_or_path": "the-initial-student", "teacher_model_name_or_path": checkpoints["teacher"],
+        "dataset_name": checkpoints["problems"], "max_completion_length": 5, "top_k": 3, "supervision": "release",
+        "use_peft": True, "lora_r": 4, "output_dir": str(tmp_path / "training_run"), "learning_rate": 1e-4,
+    }  # fmt: skip
+    recipe.write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in fields.items()))
+    output_dir = tmp_path / "metrics"
+    argv = ["evaluate", "--config", str(recipe), "--model_name_or_path", checkpoints["student"], "--num_problems"]
+    argv += ["2", "--disable_tqdm", "--output_dir", str(output_dir)]
+    assert cli.main(argv) == 0
+    metrics = json.loads((output_dir / "eval_metrics.json").read_text())
+    assert metrics["model"] == checkpoints["student"] and metrics["teacher"] == checkpoints["teacher"]
+    assert metrics["max_new_tokens"] == 5 and metrics["num_problems"] == 2
+    assert not (tmp_path / "training_run").exists()  # the recipe's output_dir is its training folder: not used

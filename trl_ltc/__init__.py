@@ -1,7 +1,7 @@
 """trl-ltc: teachability-aware on-policy distillation for Hugging Face TRL.
 
-The trainer and config are imported lazily so that the pure-math modules (``trl_ltc.release``,
-``trl_ltc.segmentation``) load without importing TRL.
+The trainer and config are imported lazily so that the pure-math modules (`trl_ltc.release`,
+`trl_ltc.segmentation`) load without importing TRL.
 """
 
 from importlib import import_module

@@ -1,4 +1,4 @@
-"""The ``trl-ltc`` command line: ``trl-ltc COMMAND [ARGS...]``; ``trl-ltc COMMAND --help`` for each command."""
+"""The `trl-ltc` command line: `trl-ltc COMMAND [ARGS...]`; `trl-ltc COMMAND --help` for each command."""
 
 from __future__ import annotations
 
@@ -10,11 +10,26 @@ from . import __version__
 
 # command -> (module with a `main(argv) -> int`, one-line description)
 COMMANDS = {
-    "distill": ("trl_ltc.distill", "Train a student with TeachabilityGKDTrainer from a YAML recipe and/or flags."),
-    "quickstart": ("trl_ltc.quickstart", "The embedded CPU demo: SmolLM2-135M teacher, noisy student, LoRA, minutes."),
-    "diagnose": ("trl_ltc.diagnostics", "Measure local teachability collapse on a teacher/student pair; plots + HTML."),
-    "evaluate": ("trl_ltc.evaluation", "Reverse KL to the teacher, answer accuracy and length of any checkpoint."),
-    "compare": ("trl_ltc.compare", "Train one student per (policy, seed) and evaluate them all into one table."),
+    "distill": (
+        "trl_ltc.commands.distill",
+        "Train a student with TeachabilityGKDTrainer from a YAML recipe and/or flags.",
+    ),
+    "quickstart": (
+        "trl_ltc.commands.quickstart",
+        "The embedded CPU demo: SmolLM2-135M teacher, noisy student, LoRA, minutes.",
+    ),
+    "diagnose": (
+        "trl_ltc.commands.diagnose",
+        "Measure local teachability collapse on a teacher/student pair; plots + HTML.",
+    ),
+    "evaluate": (
+        "trl_ltc.commands.evaluate",
+        "Reverse KL to the teacher, answer accuracy and length of any checkpoint.",
+    ),
+    "compare": (
+        "trl_ltc.commands.compare",
+        "Train one student per (policy, seed) and evaluate them all into one table.",
+    ),
 }
 
 

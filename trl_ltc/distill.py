@@ -1,8 +1,9 @@
-"""`trl-ltc distill`: train a student with `TeachabilityGKDTrainer` from a YAML recipe and/or command-line flags.
+"""Building a `TeachabilityGKDTrainer` from a YAML recipe and/or command-line flags (`trl-ltc distill`).
 
-The counterpart of `trl/scripts/distillation.py`: the same `TrlParser` over TRL's `ScriptArguments`, the trainer's
-config (`TeachabilityGKDConfig`), `ModelConfig` and `DatasetMixtureConfig`, so every TRL flag works, plus the
-supervision fields (`--supervision`, `--release_top_k`, ...). Flags override the values of `--config`.
+The library side of `trl-ltc distill` (`trl_ltc.commands.distill`), the counterpart of `trl/scripts/distillation.py`:
+the same `TrlParser` over TRL's `ScriptArguments`, the trainer's config (`TeachabilityGKDConfig`), `ModelConfig` and
+`DatasetMixtureConfig`, so every TRL flag works, plus the supervision fields (`--supervision`, `--release_top_k`,
+...). Flags override the values of `--config`.
 
     trl-ltc distill --config configs/qwen3-1.7b_from_qwen3-30b-a3b.yaml --output_dir out
     accelerate launch --config_file configs/accelerate/multi_gpu.yaml scripts/distill.py --config RECIPE.yaml
@@ -11,13 +12,21 @@ supervision fields (`--supervision`, `--release_top_k`, ...). Flags override the
 
 The prompts (`--dataset_name`: a local .json/.jsonl/.parquet/.csv file, a directory or a Hub dataset; or a `datasets:`
 mixture in the YAML) are loaded and checked before any model is loaded.
+
+From Python, without an argument list:
+
+    script_args, training_args, model_args, dataset_args = recipe_args(yaml.safe_load(open("recipe.yaml")))
+    trainer = build_trainer(script_args, training_args, model_args, dataset_args)
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from trl import (
@@ -34,10 +43,6 @@ from .config import TeachabilityGKDConfig
 from .prompts import PROMPT_COLUMN, load_prompt_dataset, prepare_prompt_dataset
 
 logger = logging.getLogger(__name__)
-DESCRIPTION = (
-    "Train a student with TeachabilityGKDTrainer (on-policy distillation with teachability-aware supervision). "
-    "Every field below can be set in the YAML given to --config; flags override it."
-)
 
 
 @dataclass
@@ -61,28 +66,7 @@ class DistillScriptArguments(ScriptArguments):
 
 
 DATACLASS_TYPES = (DistillScriptArguments, TeachabilityGKDConfig, ModelConfig, DatasetMixtureConfig)
-
-
-def build_parser(prog: str = "trl-ltc distill") -> TrlParser:
-    """The `TrlParser` of `trl-ltc distill`; `parse_args_and_config(argv)` returns the four dataclasses in order."""
-    return TrlParser(DATACLASS_TYPES, prog=prog, description=DESCRIPTION)
-
-
-def parse_args(argv: list[str] | None = None):
-    """`build_parser().parse_args_and_config(argv)`: the four dataclasses, in order.
-
-    GPU recipes set `bf16: true`; on a machine without a bf16-capable GPU transformers refuses it with a message that
-    does not say how to override a recipe, so the error here names the flags that do.
-    """
-    try:
-        return build_parser().parse_args_and_config(argv)
-    except ValueError as error:
-        if "support bf16" not in str(error):  # transformers: "Your setup doesn't support bf16/gpu."
-            raise
-        raise ValueError(
-            f"{error} To run a GPU recipe (`bf16: true`) on this machine, pass `--bf16 false --use_cpu true` (flags "
-            "override the recipe), or set `bf16: false` and `use_cpu: true` in the YAML."
-        ) from error
+DistillArguments = tuple[DistillScriptArguments, TeachabilityGKDConfig, ModelConfig, DatasetMixtureConfig]
 
 
 def load_prompts(script_args: DistillScriptArguments, training_args: TeachabilityGKDConfig, dataset_args):
@@ -133,32 +117,94 @@ def teacher_init_kwargs(training_args: TeachabilityGKDConfig, model_args: ModelC
     )
 
 
-def load_teacher(argv: list[str]):
-    """The teacher of the `trl-ltc distill` arguments `argv`, loaded as `build_trainer(argv)` would load it; pass it
-    to `build_trainer(..., teacher_model=...)` so that several trainers share one teacher in memory."""
+def recipe_args(recipe: dict, flags: Sequence[str] = ()) -> DistillArguments:
+    """The four argument dataclasses of a `trl-ltc distill` recipe, the mapping of a YAML file given to `--config`.
+
+    The recipe is read exactly as `trl-ltc distill --config RECIPE.yaml [FLAGS...]` reads it (TRL's `TrlParser` over
+    `DATACLASS_TYPES`): its values become the parser's defaults, so that they are converted by each field's type as a
+    flag's value would be (a YAML string such as `1e-4` becomes a float); `flags` (e.g. `["--max_steps", "2"]`)
+    override them; an `env` mapping sets environment variables. An unknown field is a `ValueError`.
+
+    Args:
+        recipe: field -> value, e.g. `yaml.safe_load` of a recipe file.
+        flags: `trl-ltc distill` command-line flags over the recipe.
+
+    Returns:
+        `(script_args, training_args, model_args, dataset_args)`: `DistillScriptArguments`, `TeachabilityGKDConfig`,
+        `trl.ModelConfig` and `trl.DatasetMixtureConfig`, to pass to `build_trainer`.
+    """
+    recipe = dict(recipe)
+    env = recipe.pop("env", None)
+    if env is not None:
+        if not isinstance(env, dict):
+            raise ValueError("`env` field should be a dict in the YAML file.")
+        os.environ.update({key: str(value) for key, value in env.items()})
+    parser = TrlParser(DATACLASS_TYPES)
+    unknown = parser.set_defaults_with_config(**recipe)
+    if unknown:
+        raise ValueError(
+            f"Unknown arguments from config file: {unknown}. Please remove them, add them to the dataclass, or set "
+            "`fail_with_unknown_args=False`."
+        )
+    with explain_bf16():
+        return tuple(parser.parse_args_into_dataclasses(args=list(flags)))
+
+
+@contextlib.contextmanager
+def explain_bf16():
+    """Name the flags that override a GPU recipe when the arguments are refused for `bf16` on this machine.
+
+    GPU recipes set `bf16: true`; on a machine without a bf16-capable GPU transformers refuses it with a message that
+    does not say how to override a recipe, so the error raised here names the flags that do.
+    """
+    try:
+        yield
+    except ValueError as error:
+        if "support bf16" not in str(error):  # transformers: "Your setup doesn't support bf16/gpu."
+            raise
+        raise ValueError(
+            f"{error} To run a GPU recipe (`bf16: true`) on this machine, pass `--bf16 false --use_cpu true` (flags "
+            "override the recipe), or set `bf16: false` and `use_cpu: true` in the YAML."
+        ) from error
+
+
+def load_teacher(training_args: TeachabilityGKDConfig, model_args: ModelConfig):
+    """The teacher of the arguments, loaded as `build_trainer` would load it; pass it to
+    `build_trainer(..., teacher_model=...)` so that several trainers share one teacher in memory."""
     from trl.trainer.utils import create_model_from_path
 
-    _, training_args, model_args, _ = parse_args(argv)
     if training_args.teacher_model_name_or_path is None:
         raise ValueError("Set the teacher with `--teacher_model_name_or_path` (a Hub id or a local directory).")
     kwargs = teacher_init_kwargs(training_args, model_args)
     return create_model_from_path(training_args.teacher_model_name_or_path, **kwargs).eval()
 
 
-def build_trainer(argv: list[str] | None = None, teacher_model=None):
-    """Parse `argv` (default: `sys.argv[1:]`), load and check the prompts, then build the trainer; do not train.
+def build_trainer(
+    script_args: DistillScriptArguments,
+    training_args: TeachabilityGKDConfig,
+    model_args: ModelConfig,
+    dataset_args: DatasetMixtureConfig | None = None,
+    teacher_model=None,
+):
+    """Load and check the prompts, then build the trainer; do not train.
 
     Args:
-        argv: `trl-ltc distill` arguments.
+        script_args: the prompts (`dataset_name`, `dataset_prompt_column`, ...).
+        training_args: the trainer's config; its `model_init_kwargs` and `teacher_model_init_kwargs` are completed
+            from `model_args`.
+        model_args: the student (`model_name_or_path`), its dtype, quantization and LoRA settings.
+        dataset_args: a `datasets:` mixture, used instead of `script_args.dataset_name` when it has datasets.
         teacher_model: an already loaded teacher (see `load_teacher`) to use instead of loading
             `teacher_model_name_or_path`; the trainer does not modify it, so several trainers can share it.
 
+    The four arguments are what `recipe_args` returns for a recipe, or `trl-ltc distill`'s parser for its flags.
+
     Returns:
-        `(trainer, (script_args, training_args, model_args, dataset_args))`.
+        The `TeachabilityGKDTrainer`.
     """
     from .trainer import TeachabilityGKDTrainer
 
-    script_args, training_args, model_args, dataset_args = parse_args(argv)
+    dataset_args = dataset_args if dataset_args is not None else DatasetMixtureConfig()
     if model_args.model_name_or_path is None:
         raise ValueError("Set the student with `--model_name_or_path` (a Hub id or a local directory).")
     if training_args.teacher_model_name_or_path is None and teacher_model is None:
@@ -182,7 +228,7 @@ def build_trainer(argv: list[str] | None = None, teacher_model=None):
         teacher_model = training_args.teacher_model_name_or_path
     else:  # already loaded (with `teacher_init_kwargs`); the parent refuses init kwargs for a model object
         training_args.teacher_model_init_kwargs = None
-    trainer = TeachabilityGKDTrainer(
+    return TeachabilityGKDTrainer(
         model=model_args.model_name_or_path,
         teacher_model=teacher_model,
         args=training_args,
@@ -191,23 +237,17 @@ def build_trainer(argv: list[str] | None = None, teacher_model=None):
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
     )
-    return trainer, (script_args, training_args, model_args, dataset_args)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`trl-ltc distill`: build the trainer, train, save the model (or LoRA adapter) to `output_dir`, push if asked."""
-    trainer, (script_args, training_args, _, _) = build_trainer(argv)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    trainer.save_state()  # trainer_state.json: the logged metrics, read back by `trl-ltc compare`
-    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
-        trainer.accelerator.print(f"Model pushed to https://huggingface.co/{trainer.hub_model_id}.")
-    if hasattr(trainer, "end"):  # transformers >= 5.18: finish the trackers, destroy the process group
-        trainer.end()
-    return 0
+def __getattr__(name):  # the command line, now in `trl_ltc.commands.distill`
+    if name in ("DESCRIPTION", "build_parser", "parse_args", "main"):
+        from .commands import distill
+
+        return getattr(distill, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":
+    from .commands.distill import main
+
     sys.exit(main())

@@ -7,9 +7,9 @@ One batch goes through four steps::
     change_point = bic_change_point(scores, num_segments)               # ChangePoint         formula 6
     weights = release_weights(segment_ids, loss_mask, change_point)     # [B, T]              formula 7
 
-:func:`online_release` (formula 9) replays the online rule that stops a trajectory's generation once its
-supervision is released. :func:`null_change_point` is the null model of formula 6: the same rule on each
-trajectory's segment scores in a random order (:func:`shuffle_segments`).
+[`online_release`] (formula 9) replays the online rule that stops a trajectory's generation once its
+supervision is released. [`null_change_point`] is the null model of formula 6: the same rule on each
+trajectory's segment scores in a random order ([`shuffle_segments`]).
 
 Every function is batched and vectorised (no Python loop over trajectories, tokens or candidate change
 points), runs on whatever device its inputs live on, and needs nothing but torch.
@@ -40,12 +40,12 @@ __all__ = [
 ]
 
 LOG_PROB_FLOOR = math.log(1e-12)
-"""Teacher log-probs are floored here (formula 4), so masked (``-inf``) tokens still give finite margins."""
+"""Teacher log-probs are floored here (formula 4), so masked (`-inf`) tokens still give finite margins."""
 
 NULL_SEED_OFFSET = 7919
-"""Added to a seed to seed the generator of :func:`null_change_point`, so its draws are its own."""
+"""Added to a seed to seed the generator of [`null_change_point`], so its draws are its own."""
 
-_BIC_EPS = 1e-12  # the ``+ 1e-12`` inside the BIC's log (formula 6)
+_BIC_EPS = 1e-12  # the `+ 1e-12` inside the BIC's log (formula 6)
 _TIE_RTOL = 1e-10  # candidate RSS within this fraction of the row's sum of squares count as tied
 _MIN_KEPT_MASS = 1e-8  # denominator floor of the mass-preserving rescale (formula 7)
 
@@ -59,18 +59,18 @@ def _float_dtype(*tensors: Tensor) -> torch.dtype:
 
 
 def support_margin(teacher_logprobs: Tensor, support: Tensor) -> Tensor:
-    """Teacher margin on a given support: the gap between the teacher's two best tokens inside ``support``.
+    """Teacher margin on a given support: the gap between the teacher's two best tokens inside `support`.
 
-    ``M = log pT(a1) - log pT(a2)`` where ``a1, a2`` are the teacher's two most likely tokens of the support
-    and log-probs are floored at ``log(1e-12)`` first. This is the one implementation of the margin: both
-    :func:`teacher_margin` and chunked callers that compute the teacher log-softmax themselves use it.
+    `M = log pT(a1) - log pT(a2)` where `a1, a2` are the teacher's two most likely tokens of the support
+    and log-probs are floored at `log(1e-12)` first. This is the one implementation of the margin: both
+    [`teacher_margin`] and chunked callers that compute the teacher log-softmax themselves use it.
 
     Args:
-        teacher_logprobs: ``[..., V]`` teacher log-probs over the full vocabulary (already tempered).
-        support: ``[..., k]`` long, the student's top-k token ids at each position, ``k >= 2``.
+        teacher_logprobs: `[..., V]` teacher log-probs over the full vocabulary (already tempered).
+        support: `[..., k]` long, the student's top-k token ids at each position, `k >= 2`.
 
     Returns:
-        ``[...]`` margins, ``>= 0``, in float32 (float64 if ``teacher_logprobs`` is float64).
+        `[...]` margins, `>= 0`, in float32 (float64 if `teacher_logprobs` is float64).
     """
     if support.shape[-1] < 2:
         raise ValueError(f"support must hold at least 2 tokens per position (k >= 2); got k={support.shape[-1]}")
@@ -82,19 +82,19 @@ def support_margin(teacher_logprobs: Tensor, support: Tensor) -> Tensor:
 def teacher_margin(student_logits: Tensor, teacher_logits: Tensor, k: int, temperature: float = 1.0) -> Tensor:
     """Teacher margin on the student's top-k support (formula 4).
 
-    ``C = topK(pS)``; ``M = log pT(a1) - log pT(a2)`` for the teacher's best two tokens inside ``C``, with the
-    teacher log-softmax taken over the full vocabulary at ``temperature`` and floored at ``log(1e-12)``. The
+    `C = topK(pS)`; `M = log pT(a1) - log pT(a2)` for the teacher's best two tokens inside `C`, with the
+    teacher log-softmax taken over the full vocabulary at `temperature` and floored at `log(1e-12)`. The
     sampled token plays no role. Dividing the student logits by a positive temperature does not change their
     top-k, so the student side is ranked on the raw logits.
 
     Args:
-        student_logits: ``[..., V]`` (fp32/bf16/fp16/fp64; any leading shape, including empty ones).
-        teacher_logits: ``[..., V]``, same shape; ``-inf`` entries (masked vocabulary) are allowed.
-        k: support size, ``2 <= k <= V``.
-        temperature: sampling temperature ``> 0``.
+        student_logits: `[..., V]` (fp32/bf16/fp16/fp64; any leading shape, including empty ones).
+        teacher_logits: `[..., V]`, same shape; `-inf` entries (masked vocabulary) are allowed.
+        k: support size, `2 <= k <= V`.
+        temperature: sampling temperature `> 0`.
 
     Returns:
-        ``[...]`` margins in float32 (float64 if either input is float64).
+        `[...]` margins in float32 (float64 if either input is float64).
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
@@ -116,17 +116,17 @@ def teacher_margin(student_logits: Tensor, teacher_logits: Tensor, k: int, tempe
 
 
 def segment_scores(margins: Tensor, segment_ids: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-segment scores ``S_i = log(1 + mean_{t in segment i} M_t)`` (formula 5).
+    """Per-segment scores `S_i = log(1 + mean_{t in segment i} M_t)` (formula 5).
 
     Args:
-        margins: ``[B, T]`` per-token margins (values at tokens with segment id ``-1`` are ignored, even NaN).
-        segment_ids: ``[B, T]`` integer, ``0..n_b-1`` on completion tokens, ``-1`` elsewhere. Ids are assumed
+        margins: `[B, T]` per-token margins (values at tokens with segment id `-1` are ignored, even NaN).
+        segment_ids: `[B, T]` integer, `0..n_b-1` on completion tokens, `-1` elsewhere. Ids are assumed
             contiguous; an id without tokens would get score 0.
 
     Returns:
-        ``scores``: ``[B, S_max]`` float32 (float64 for float64 margins) with ``S_max = max_b n_b`` (0 when no
-        row has a segment, giving a ``[B, 0]`` tensor); columns ``>= num_segments[b]`` are 0 and meaningless.
-        ``num_segments``: ``[B]`` long, ``n_b = max id + 1`` (0 for rows without completion tokens).
+        `scores`: `[B, S_max]` float32 (float64 for float64 margins) with `S_max = max_b n_b` (0 when no
+        row has a segment, giving a `[B, 0]` tensor); columns `>= num_segments[b]` are 0 and meaningless.
+        `num_segments`: `[B]` long, `n_b = max id + 1` (0 for rows without completion tokens).
     """
     if margins.shape != segment_ids.shape or margins.ndim != 2:
         raise ValueError(
@@ -155,40 +155,40 @@ def segment_scores(margins: Tensor, segment_ids: Tensor) -> tuple[Tensor, Tensor
 
 
 class ChangePoint(NamedTuple):
-    """Result of :func:`bic_change_point`, one entry per trajectory."""
+    """Result of [`bic_change_point`], one entry per trajectory."""
 
     release_segment: Tensor
-    """``[B]`` long: number of leading segments kept (``tau`` if accepted, else ``num_segments``)."""
+    """`[B]` long: number of leading segments kept (`tau` if accepted, else `num_segments`)."""
     accepted: Tensor
-    """``[B]`` bool: whether the one-drop model beats the no-change model."""
+    """`[B]` bool: whether the one-drop model beats the no-change model."""
     bic_gain: Tensor
-    """``[B]`` float: ``max(0, BIC0 - BIC_best)``; positive exactly when ``accepted``."""
+    """`[B]` float: `max(0, BIC0 - BIC_best)`; positive exactly when `accepted`."""
 
 
 def bic_change_point(scores: Tensor, num_segments: Tensor) -> ChangePoint:
     """Profiled RSS-BIC test for one downward drop in each trajectory's segment scores (formula 6).
 
-    For the ``n = num_segments[b]`` leading scores ``x_0..x_{n-1}`` of a row::
+    For the `n = num_segments[b]` leading scores `x_0..x_{n-1}` of a row::
 
         BIC(rss, k) = n * log((rss + 1e-12) / n) + k * log(n)
         BIC0        = BIC(RSS of one mean, k=1)
         BIC(tau)    = BIC(RSS of mean(x[:tau]) and mean(x[tau:]), k=3),   tau in 1..n-1,
 
     where only *downward* candidates (right mean strictly below left mean) compete. The candidate with the
-    lowest BIC wins; ties go to the earliest ``tau`` (RSS values within ``1e-10 * sum((x - x_0)^2)`` of the
-    minimum, far above float64 round-off, count as tied). The drop is accepted iff ``BIC(tau) < BIC0``;
-    ``n < 2`` or no downward candidate is never accepted.
+    lowest BIC wins; ties go to the earliest `tau` (RSS values within `1e-10 * sum((x - x_0)^2)` of the
+    minimum, far above float64 round-off, count as tied). The drop is accepted iff `BIC(tau) < BIC0`;
+    `n < 2` or no downward candidate is never accepted.
 
-    All candidates of all rows are scored at once from float64 prefix sums of ``x`` and ``x^2`` (after
+    All candidates of all rows are scored at once from float64 prefix sums of `x` and `x^2` (after
     shifting each row by its first score to limit cancellation; round-off negatives are clamped to 0):
-    ``O(S)`` work per trajectory, no Python loop.
+    `O(S)` work per trajectory, no Python loop.
 
     Args:
-        scores: ``[B, S]`` segment scores; columns ``>= num_segments[b]`` are ignored.
-        num_segments: ``[B]`` integer, each ``<= S``.
+        scores: `[B, S]` segment scores; columns `>= num_segments[b]` are ignored.
+        num_segments: `[B]` integer, each `<= S`.
 
     Returns:
-        :class:`ChangePoint`. ``release_segment = tau`` if accepted else ``n``; ``bic_gain = BIC0 - BIC(tau)``
+        [`ChangePoint`]. `release_segment = tau` if accepted else `n`; `bic_gain = BIC0 - BIC(tau)`
         if accepted else 0, in float32 (float64 for float64 scores).
     """
     if scores.ndim != 2 or num_segments.shape != scores.shape[:1]:
@@ -241,18 +241,18 @@ def bic_change_point(scores: Tensor, num_segments: Tensor) -> ChangePoint:
 def shuffle_segments(scores: Tensor, num_segments: Tensor, generator: torch.Generator) -> Tensor:
     """Each trajectory's valid segment scores in a random order; padding stays where it is.
 
-    Row ``b``'s first ``num_segments[b]`` scores are permuted uniformly among themselves, independently of the
-    other rows; columns ``>= num_segments[b]`` keep their values. One ``[B, S]`` draw of random keys from
-    ``generator`` (on the generator's device), padding keys set to ``+inf``, and a stable ``argsort`` per row: no
+    Row `b`'s first `num_segments[b]` scores are permuted uniformly among themselves, independently of the
+    other rows; columns `>= num_segments[b]` keep their values. One `[B, S]` draw of random keys from
+    `generator` (on the generator's device), padding keys set to `+inf`, and a stable `argsort` per row: no
     loop over trajectories, and the draw depends only on the shape and the generator's state.
 
     Args:
-        scores: ``[B, S]`` segment scores.
-        num_segments: ``[B]`` integer, each ``<= S``.
-        generator: the random source; it is advanced by one ``[B, S]`` draw.
+        scores: `[B, S]` segment scores.
+        num_segments: `[B]` integer, each `<= S`.
+        generator: the random source; it is advanced by one `[B, S]` draw.
 
     Returns:
-        ``[B, S]`` tensor of the dtype and device of ``scores``.
+        `[B, S]` tensor of the dtype and device of `scores`.
     """
     if scores.ndim != 2 or num_segments.shape != scores.shape[:1]:
         raise ValueError(
@@ -267,20 +267,20 @@ def shuffle_segments(scores: Tensor, num_segments: Tensor, generator: torch.Gene
 
 
 def null_change_point(scores: Tensor, num_segments: Tensor, generator: torch.Generator) -> ChangePoint:
-    """The change point of formula 6 on each trajectory's segment scores shuffled (:func:`shuffle_segments`).
+    """The change point of formula 6 on each trajectory's segment scores shuffled ([`shuffle_segments`]).
 
     A null model for the release rule: the same scores, the same number of segments, the same BIC test, but no
-    order. Its acceptance rate is what :func:`bic_change_point` accepts on these scores by chance alone (with a few
+    order. Its acceptance rate is what [`bic_change_point`] accepts on these scores by chance alone (with a few
     segments the one-drop model is preferred often even on scores without any drop), so a local collapse is only
     shown where the real acceptance rate clearly exceeds it.
 
     Args:
-        scores: ``[B, S]`` segment scores; columns ``>= num_segments[b]`` are ignored.
-        num_segments: ``[B]`` integer, each ``<= S``.
-        generator: the random source of the shuffle (advanced by one ``[B, S]`` draw).
+        scores: `[B, S]` segment scores; columns `>= num_segments[b]` are ignored.
+        num_segments: `[B]` integer, each `<= S`.
+        generator: the random source of the shuffle (advanced by one `[B, S]` draw).
 
     Returns:
-        :class:`ChangePoint` of the shuffled scores (its ``release_segment`` indexes the shuffled order).
+        [`ChangePoint`] of the shuffled scores (its `release_segment` indexes the shuffled order).
     """
     return bic_change_point(shuffle_segments(scores, num_segments, generator), num_segments)
 
@@ -289,19 +289,19 @@ def null_change_point(scores: Tensor, num_segments: Tensor, generator: torch.Gen
 
 
 def mass_preserving_weights(keep: Tensor, loss_mask: Tensor) -> Tensor:
-    """Keep the ``keep`` tokens of each trajectory and rescale them to the trajectory's full mass.
+    """Keep the `keep` tokens of each trajectory and rescale them to the trajectory's full mass.
 
-    ``scale = sum_t loss_mask_t / max(sum_t loss_mask_t * keep_t, 1e-8)`` and
-    ``w_t = loss_mask_t * keep_t * scale``, per row (the last dimension). Every supervision policy that
+    `scale = sum_t loss_mask_t / max(sum_t loss_mask_t * keep_t, 1e-8)` and
+    `w_t = loss_mask_t * keep_t * scale`, per row (the last dimension). Every supervision policy that
     drops tokens (release, fixed prefix, ...) uses this same rescale. Rows with an all-zero loss mask, or
     nothing kept, get zero weights (never NaN/inf).
 
     Args:
-        keep: ``[..., T]`` bool/0-1 mask of the tokens to keep.
-        loss_mask: ``[..., T]`` 0/1 (or non-negative float) completion mask.
+        keep: `[..., T]` bool/0-1 mask of the tokens to keep.
+        loss_mask: `[..., T]` 0/1 (or non-negative float) completion mask.
 
     Returns:
-        ``[..., T]`` weights in float32 (float64 for a float64 loss mask).
+        `[..., T]` weights in float32 (float64 for a float64 loss mask).
     """
     mask = loss_mask.to(_float_dtype(loss_mask))
     kept = mask * keep.to(mask.dtype)
@@ -310,20 +310,20 @@ def mass_preserving_weights(keep: Tensor, loss_mask: Tensor) -> Tensor:
 
 
 def release_weights(segment_ids: Tensor, loss_mask: Tensor, change_point: ChangePoint) -> Tensor:
-    """Release weights (formula 7): keep segments ``0..release_segment-1``, drop the rest, preserve mass.
+    """Release weights (formula 7): keep segments `0..release_segment-1`, drop the rest, preserve mass.
 
-    ``q_t = 1`` iff ``0 <= segment_ids_t < release_segment``, so tokens with segment id ``-1`` are never kept;
-    then ``w = loss_mask * q * sum(loss_mask) / max(sum(loss_mask * q), 1e-8)`` per trajectory
-    (:func:`mass_preserving_weights`). When the release is not accepted every segmented token is kept and
-    ``w == loss_mask``.
+    `q_t = 1` iff `0 <= segment_ids_t < release_segment`, so tokens with segment id `-1` are never kept;
+    then `w = loss_mask * q * sum(loss_mask) / max(sum(loss_mask * q), 1e-8)` per trajectory
+    ([`mass_preserving_weights`]). When the release is not accepted every segmented token is kept and
+    `w == loss_mask`.
 
     Args:
-        segment_ids: ``[B, T]`` integer, as for :func:`segment_scores`.
-        loss_mask: ``[B, T]`` completion mask.
-        change_point: from :func:`bic_change_point` (only ``release_segment`` is used).
+        segment_ids: `[B, T]` integer, as for [`segment_scores`].
+        loss_mask: `[B, T]` completion mask.
+        change_point: from [`bic_change_point`] (only `release_segment` is used).
 
     Returns:
-        ``[B, T]`` float32 weights (float64 for a float64 loss mask).
+        `[B, T]` float32 weights (float64 for a float64 loss mask).
     """
     release = change_point.release_segment.to(segment_ids.device)[:, None]
     keep = (segment_ids >= 0) & (segment_ids < release)
@@ -334,37 +334,37 @@ def release_weights(segment_ids: Tensor, loss_mask: Tensor, change_point: Change
 
 
 class OnlineRelease(NamedTuple):
-    """Result of :func:`online_release`, one entry per trajectory."""
+    """Result of [`online_release`], one entry per trajectory."""
 
     stop_segment: Tensor
-    """``[B]`` long: complete segments when generation stopped (``num_segments`` when it never stopped)."""
+    """`[B]` long: complete segments when generation stopped (`num_segments` when it never stopped)."""
     release_segment: Tensor
-    """``[B]`` long: segments kept (``tau`` of the stop; the offline change point when it never stopped)."""
+    """`[B]` long: segments kept (`tau` of the stop; the offline change point when it never stopped)."""
 
 
 def online_release(scores: Tensor, num_segments: Tensor, min_segments: int = 3, patience: int = 2) -> OnlineRelease:
     """The online release rule (formula 9) replayed on complete trajectories.
 
-    While a trajectory is generated, each time its ``n``-th segment is complete (segment ``n`` has started) the
-    change point of formula 6 is run on its first ``n`` scores; generation stops at the first ``n`` with
-    ``n >= min_segments`` whose change point is accepted at ``tau`` with ``n - tau >= patience``. Here every
-    ``n`` in ``min_segments .. num_segments - 1`` is tried at once: the first that qualifies gives
-    ``stop_segment = n`` and ``release_segment = tau``; a trajectory where none does was generated to its end
-    and gets the offline rule, ``stop_segment = num_segments`` and ``release_segment`` of
-    :func:`bic_change_point` on all its scores. The generation loop of the trainer calls this same function on
+    While a trajectory is generated, each time its `n`-th segment is complete (segment `n` has started) the
+    change point of formula 6 is run on its first `n` scores; generation stops at the first `n` with
+    `n >= min_segments` whose change point is accepted at `tau` with `n - tau >= patience`. Here every
+    `n` in `min_segments .. num_segments - 1` is tried at once: the first that qualifies gives
+    `stop_segment = n` and `release_segment = tau`; a trajectory where none does was generated to its end
+    and gets the offline rule, `stop_segment = num_segments` and `release_segment` of
+    [`bic_change_point`] on all its scores. The generation loop of the trainer calls this same function on
     the scores it has so far, so a replay on recorded scores makes the same decisions.
 
-    Every prefix of every row goes through one batched :func:`bic_change_point` call (``O(S^2)`` work per
+    Every prefix of every row goes through one batched [`bic_change_point`] call (`O(S^2)` work per
     trajectory, no Python loop).
 
     Args:
-        scores: ``[B, S]`` segment scores; columns ``>= num_segments[b]`` are ignored.
-        num_segments: ``[B]`` integer, each ``<= S``.
-        min_segments: smallest number of complete segments a stop is decided on (``>= 1``).
-        patience: complete segments that must follow the drop (``>= 1``).
+        scores: `[B, S]` segment scores; columns `>= num_segments[b]` are ignored.
+        num_segments: `[B]` integer, each `<= S`.
+        min_segments: smallest number of complete segments a stop is decided on (`>= 1`).
+        patience: complete segments that must follow the drop (`>= 1`).
 
     Returns:
-        :class:`OnlineRelease`.
+        [`OnlineRelease`].
     """
     if scores.ndim != 2 or num_segments.shape != scores.shape[:1]:
         raise ValueError(

@@ -1,6 +1,6 @@
 """Completion tokens to sentence segments.
 
-:func:`segment_completions` splits every completion of a batch into segments (sentences, lines or fixed windows)
+[`segment_completions`] splits every completion of a batch into segments (sentences, lines or fixed windows)
 and labels each completion token with the index of its segment.
 
 Token-to-segment rule
@@ -13,29 +13,29 @@ incremental decode produced it.
 
 * A token belongs to the segment containing the first non-whitespace character it owns.
 * A token that owns no non-whitespace character -- whitespace-only tokens, special tokens such as EOS (they
-  contribute no text, as with ``skip_special_tokens=True``), ids outside the vocabulary, and the trailing bytes of a
+  contribute no text, as with `skip_special_tokens=True`), ids outside the vocabulary, and the trailing bytes of a
   multi-byte character whose first byte came in an earlier token -- joins the segment of the previous token
   (segment 0 if there is none).
 * Segment ids are then renumbered to be contiguous: they start at 0 on the first completion token, never decrease
   and never skip a value (a sentence in which no token starts is merged into the segment before it).
-* Positions where ``completion_mask`` is 0 get ``-1`` and are ignored entirely (left or right padding, or holes, are
+* Positions where `completion_mask` is 0 get `-1` and are ignored entirely (left or right padding, or holes, are
   all fine). A completion with no valid token has no segment.
 * An *empty* completion -- one whose valid tokens are all special tokens (e.g. EOS sampled first) or ids outside the
-  vocabulary, so that it holds no text -- has no segment either: all its tokens get ``-1``, with every method (for
-  ``"fixed"`` only when a tokenizer is given). The release rule then keeps none of its tokens.
+  vocabulary, so that it holds no text -- has no segment either: all its tokens get `-1`, with every method (for
+  `"fixed"` only when a tokenizer is given). The release rule then keeps none of its tokens.
 
 Segment boundaries per method
 -----------------------------
-``"nltk"``
-    Start offsets of NLTK Punkt sentence spans (``span_tokenize``) of the decoded text. NLTK's pretrained English
-    parameters are used when the ``punkt_tab`` data is installed (the sentences are then exactly those of
-    ``nltk.sent_tokenize``); otherwise, offline and without any download attempt, a ``PunktSentenceTokenizer()`` with
+`"nltk"`
+    Start offsets of NLTK Punkt sentence spans (`span_tokenize`) of the decoded text. NLTK's pretrained English
+    parameters are used when the `punkt_tab` data is installed (the sentences are then exactly those of
+    `nltk.sent_tokenize`); otherwise, offline and without any download attempt, a `PunktSentenceTokenizer()` with
     default (untrained) parameters. Which one is in use is logged once.
-``"newline"``
-    A segment ends at each line break (``"\\n"``): the segment of a character is the number of ``"\\n"`` before it
+`"newline"`
+    A segment ends at each line break (`"\\n"`): the segment of a character is the number of `"\\n"` before it
     (blank lines produce no segment of their own, by the renumbering above).
-``"fixed"``
-    Consecutive windows of ``window`` completion tokens (counted over valid tokens only); no decoding.
+`"fixed"`
+    Consecutive windows of `window` completion tokens (counted over valid tokens only); no decoding.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ SEGMENTATION_METHODS = ("nltk", "newline", "fixed")
 
 
 def _punkt_tab_available(language: str = "english") -> bool:
-    """Whether NLTK's ``punkt_tab`` model for ``language`` is installed (never downloads anything)."""
+    """Whether NLTK's `punkt_tab` model for `language` is installed (never downloads anything)."""
     import nltk
 
     try:
@@ -121,7 +121,7 @@ _SPLITTERS: dict[str, Callable[[str, np.ndarray], np.ndarray]] = {"nltk": _nltk_
 # Decoding with per-token character offsets
 # ----------------------------------------------------------------------------------------------------------------
 
-# Whitespace as ``str.isspace`` / ``re``'s ``\s`` see it; every such code point is <= U+3000.
+# Whitespace as `str.isspace` / `re`'s `\s` see it; every such code point is <= U+3000.
 _WS_LIMIT = 0x3001
 _WS_TABLE = np.zeros(_WS_LIMIT + 1, dtype=bool)
 _WS_TABLE[[cp for cp in range(_WS_LIMIT) if chr(cp).isspace()]] = True
@@ -168,7 +168,7 @@ def _special_ids(tokenizer) -> set[int]:
 
 
 class _ByteLevelAligner:
-    """Per-tokenizer id -> bytes table for byte-level BPE tokenizers (decoded exactly like ``decoders.ByteLevel``)."""
+    """Per-tokenizer id -> bytes table for byte-level BPE tokenizers (decoded exactly like `decoders.ByteLevel`)."""
 
     def __init__(self, tokenizer):
         backend = tokenizer.backend_tokenizer
@@ -192,7 +192,7 @@ class _ByteLevelAligner:
         return np.where((ids >= 0) & (ids < self.size), ids, self.size)
 
     def align(self, idx: np.ndarray):
-        """``idx`` from :meth:`index` -> (text, first char index owned by each token, one past its last)."""
+        """`idx` from [`index`] -> (text, first char index owned by each token, one past its last)."""
         table = self.table
         data = b"".join([table[i] for i in idx.tolist()])
         _decode_errors.ranges = []
@@ -217,12 +217,12 @@ class _ByteLevelAligner:
 class _GenericAligner:
     """Incremental detokenization for tokenizers that are not byte-level (SentencePiece / Metaspace, WordPiece...).
 
-    Each token's text is ``decode(window + [token])[len(decode(window)):]`` over a short window of previous tokens
+    Each token's text is `decode(window + [token])[len(decode(window)):]` over a short window of previous tokens
     (vLLM-style incremental detokenization), which keeps context-dependent decoders (leading-space stripping, byte
     fallback) right while staying linear in the sequence length (about 1.5 decodes of a few tokens per token). A
     token whose decode ends in an incomplete character (U+FFFD) yields no text yet; the character is attributed to
     the first token of the run that completes it. The concatenated text is not guaranteed to equal
-    ``tokenizer.decode`` for every decoder (it does for Metaspace / byte-fallback ones).
+    `tokenizer.decode` for every decoder (it does for Metaspace / byte-fallback ones).
     """
 
     max_window = 3  # the context window is re-based (one extra decode) once it holds more tokens than this
@@ -295,7 +295,7 @@ _SPECIAL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _textless_ids(tokenizer) -> tuple[int, np.ndarray]:
-    """``(vocabulary size, sorted special ids)`` of ``tokenizer``, cached per tokenizer."""
+    """`(vocabulary size, sorted special ids)` of `tokenizer`, cached per tokenizer."""
     size = len(tokenizer)
     try:
         cached = _SPECIAL.get(tokenizer)
@@ -313,7 +313,7 @@ def _textless_ids(tokenizer) -> tuple[int, np.ndarray]:
 
 
 def _empty_rows(ids: np.ndarray, valid: np.ndarray, tokenizer) -> np.ndarray:
-    """``[B]`` bool: rows with valid tokens that are all special tokens or ids outside the vocabulary (no text)."""
+    """`[B]` bool: rows with valid tokens that are all special tokens or ids outside the vocabulary (no text)."""
     size, special = _textless_ids(tokenizer)
     textless = np.isin(ids, special) | (ids < 0) | (ids >= size)
     return valid.any(axis=1) & ~(valid & ~textless).any(axis=1)
@@ -337,11 +337,11 @@ def _get_aligner(tokenizer):
 
 
 def decode_with_offsets(token_ids, tokenizer) -> tuple[str, np.ndarray, np.ndarray]:
-    """Decode ``token_ids`` (1-D, all valid) and return ``(text, char_start, char_end)``.
+    """Decode `token_ids` (1-D, all valid) and return `(text, char_start, char_end)`.
 
-    ``text`` is the decoded text with special tokens skipped (for byte-level BPE tokenizers it equals
-    ``tokenizer.decode(token_ids, skip_special_tokens=True)``); token ``i`` owns the characters
-    ``text[char_start[i]:char_end[i]]`` (see the module docstring). The ranges tile ``text`` in order.
+    `text` is the decoded text with special tokens skipped (for byte-level BPE tokenizers it equals
+    `tokenizer.decode(token_ids, skip_special_tokens=True)`); token `i` owns the characters
+    `text[char_start[i]:char_end[i]]` (see the module docstring). The ranges tile `text` in order.
     """
     if isinstance(token_ids, torch.Tensor):
         token_ids = token_ids.detach().cpu().numpy()
@@ -400,16 +400,16 @@ def segment_completions(
     """Label each completion token with the index of its segment (sentence, line or fixed window).
 
     Args:
-        completion_ids: ``[B, T]`` generated token ids.
-        completion_mask: ``[B, T]``; nonzero on completion tokens. Padding may be on either side.
-        tokenizer: the tokenizer that produced ``completion_ids`` (optional for ``method="fixed"``, where it only
+        completion_ids: `[B, T]` generated token ids.
+        completion_mask: `[B, T]`; nonzero on completion tokens. Padding may be on either side.
+        tokenizer: the tokenizer that produced `completion_ids` (optional for `method="fixed"`, where it only
             serves to recognise empty completions).
-        method: ``"nltk"`` (Punkt sentences, default), ``"newline"`` (lines) or ``"fixed"`` (token windows).
-        window: window length in tokens for ``method="fixed"`` (>= 1).
+        method: `"nltk"` (Punkt sentences, default), `"newline"` (lines) or `"fixed"` (token windows).
+        window: window length in tokens for `method="fixed"` (>= 1).
 
     Returns:
-        ``LongTensor[B, T]`` on ``completion_ids.device``: segment ids ``0..n_b-1`` on completion tokens (contiguous,
-        non-decreasing, starting at 0), ``-1`` where ``completion_mask`` is 0 and on every token of an empty
+        `LongTensor[B, T]` on `completion_ids.device`: segment ids `0..n_b-1` on completion tokens (contiguous,
+        non-decreasing, starting at 0), `-1` where `completion_mask` is 0 and on every token of an empty
         completion (only special tokens, e.g. EOS first: no text, no segment).
 
     A token belongs to the segment containing the first non-whitespace character of its decoded text; tokens adding

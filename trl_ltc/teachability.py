@@ -3,16 +3,16 @@
 Per completion position t, with pS / pT the student's / teacher's next-token distributions at temperature τ
 (softmax of logits / τ over the full vocabulary) and K the support size:
 
-- compatibility  ``C_t = Σ_{v ∈ topK(pS)} pT(v)``, clamped to [0, 1];
-- disagreement   ``D_t = Σ_{v ∈ U} p̂T(v) (log p̂T(v) - log p̂S(v))`` with ``U = topK(pS) ∪ topK(pT)`` and
-  ``p̂(v) = max(p(v) / Σ_{u ∈ U} p(u), 1e-12)`` for each model (forward KL on the union);
-- student entropy ``H_t = -Σ_{v ∈ topK(pS)} p̃S(v) log p̃S(v) / log K`` with p̃S = pS renormalised over
-  topK(pS), in [0, 1] (``H ≡ 0`` for K = 1).
+- compatibility  `C_t = Σ_{v ∈ topK(pS)} pT(v)`, clamped to [0, 1];
+- disagreement   `D_t = Σ_{v ∈ U} p̂T(v) (log p̂T(v) - log p̂S(v))` with `U = topK(pS) ∪ topK(pT)` and
+  `p̂(v) = max(p(v) / Σ_{u ∈ U} p(u), 1e-12)` for each model (forward KL on the union);
+- student entropy `H_t = -Σ_{v ∈ topK(pS)} p̃S(v) log p̃S(v) / log K` with p̃S = pS renormalised over
+  topK(pS), in [0, 1] (`H ≡ 0` for K = 1).
 
 Each feature is normalised over the valid tokens of the rollout batch by its 5% / 95% quantiles
-(:func:`batch_quantile_normalize`), combined into a per-token score (:func:`token_scores` /
-:func:`score_tokens`), and the batch keeps its ``ceil(ρ N)`` best tokens plus a per-trajectory minimum
-(:func:`token_budget_weights`). This module is the only place where that selection rule lives.
+([`batch_quantile_normalize`]), combined into a per-token score ([`token_scores`] /
+[`score_tokens`]), and the batch keeps its `ceil(ρ N)` best tokens plus a per-trajectory minimum
+([`token_budget_weights`]). This module is the only place where that selection rule lives.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class TeachabilityFeatures(NamedTuple):
 
 
 def _float_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float32 or better: the promoted dtype of ``tensors`` and float32."""
+    """float32 or better: the promoted dtype of `tensors` and float32."""
     dtype = torch.float32
     for t in tensors:
         dtype = torch.promote_types(dtype, t.dtype)
@@ -58,12 +58,12 @@ def _float_dtype(*tensors: torch.Tensor) -> torch.dtype:
 def features_from_logprobs(
     student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, k: int = 16
 ) -> TeachabilityFeatures:
-    """Teachability features from full-vocabulary log-probs ``[..., V]`` (already ``log_softmax(logits / τ)``).
+    """Teachability features from full-vocabulary log-probs `[..., V]` (already `log_softmax(logits / τ)`).
 
     Works on any leading shape, so a chunked caller can pass one chunk of positions at a time. Computed in
     float32 or better (float64 stays float64). The union U is represented as the 2K columns
-    ``topK(pS) ++ topK(pT)`` with the teacher's indices that already occur in the student's set masked out.
-    Ties inside ``topk`` are broken by ``torch.topk``.
+    `topK(pS) ++ topK(pT)` with the teacher's indices that already occur in the student's set masked out.
+    Ties inside `topk` are broken by `torch.topk`.
     """
     if student_logprobs.shape != teacher_logprobs.shape:
         raise ValueError(
@@ -115,9 +115,9 @@ def features_from_logprobs(
 def teachability_features(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int = 16, temperature: float = 1.0
 ) -> TeachabilityFeatures:
-    """Teachability features from raw logits ``[..., V]``: ``log_softmax(logits / temperature)`` then
-    :func:`features_from_logprobs`. Returns three tensors of shape ``logits.shape[:-1]`` (float32, or float64
-    for float64 input), without gradient. ValueError when ``k < 1`` or ``k > V``, or ``temperature <= 0``.
+    """Teachability features from raw logits `[..., V]`: `log_softmax(logits / temperature)` then
+    [`features_from_logprobs`]. Returns three tensors of shape `logits.shape[:-1]` (float32, or float64
+    for float64 input), without gradient. ValueError when `k < 1` or `k > V`, or `temperature <= 0`.
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
@@ -131,10 +131,10 @@ def teachability_features(
 def batch_quantile_normalize(
     values: torch.Tensor, mask: torch.Tensor, q_low: float = 0.05, q_high: float = 0.95
 ) -> torch.Tensor:
-    """``clip((x - q_low) / (q_high - q_low), 0, 1)`` with the quantiles taken over the valid (``mask > 0``)
-    entries of the whole batch, linear interpolation as ``torch.quantile`` (computed by sorting, so there is
-    no size limit). Zero outside the mask; all zeros when nothing is valid or ``q_high - q_low < 1e-12``.
-    Same shape as ``values``; float32 or better.
+    """`clip((x - q_low) / (q_high - q_low), 0, 1)` with the quantiles taken over the valid (`mask > 0`)
+    entries of the whole batch, linear interpolation as `torch.quantile` (computed by sorting, so there is
+    no size limit). Zero outside the mask; all zeros when nothing is valid or `q_high - q_low < 1e-12`.
+    Same shape as `values`; float32 or better.
     """
     if not 0.0 <= q_low <= q_high <= 1.0:
         raise ValueError(f"need 0 <= q_low <= q_high <= 1, got q_low={q_low!r}, q_high={q_high!r}")
@@ -176,8 +176,8 @@ def token_scores(
 ) -> torch.Tensor:
     """Combine already-normalised features (each in [0, 1], zero off the mask) into a per-token score.
 
-    ``teachability = D·C`` (TA-OPD), ``tip = H + D - H·D``, ``entropy = H``, ``divergence = D``,
-    ``random = torch.rand(shape, generator=generator)`` (times ``loss_mask > 0`` when a mask is given).
+    `teachability = D·C` (TA-OPD), `tip = H + D - H·D`, `entropy = H`, `divergence = D`,
+    `random = torch.rand(shape, generator=generator)` (times `loss_mask > 0` when a mask is given).
     """
     _check_score(score)
     c, d, h = normalized
@@ -199,8 +199,8 @@ def score_tokens(
     score: str = "teachability",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Normalise the features that ``score`` needs with :func:`batch_quantile_normalize` over ``loss_mask``
-    and combine them with :func:`token_scores`. Returns ``[B, T]`` scores, zero outside the mask."""
+    """Normalise the features that `score` needs with [`batch_quantile_normalize`] over `loss_mask`
+    and combine them with [`token_scores`]. Returns `[B, T]` scores, zero outside the mask."""
     _check_score(score)
     needed = {"teachability": "cd", "tip": "dh", "entropy": "h", "divergence": "d", "random": ""}[score]
     zeros = torch.zeros(loss_mask.shape, dtype=torch.float32, device=loss_mask.device)
@@ -215,11 +215,11 @@ def score_tokens(
 def token_budget_weights(
     scores: torch.Tensor, loss_mask: torch.Tensor, keep_ratio: float, min_keep_per_sequence: int = 1
 ) -> torch.Tensor:
-    """Batch-level token budget: weights ``[B, T]`` = ``keep · N / N_kept``.
+    """Batch-level token budget: weights `[B, T]` = `keep · N / N_kept`.
 
-    N = number of valid tokens (``loss_mask > 0``). Order: scores descending, ties by batch order (row, then
-    position; earlier wins), NaN scores last. Keep the first ``min(N, ceil(N · keep_ratio))`` tokens of that
-    order; then each row with fewer than ``min(min_keep_per_sequence, its valid tokens)`` kept tokens also keeps
+    N = number of valid tokens (`loss_mask > 0`). Order: scores descending, ties by batch order (row, then
+    position; earlier wins), NaN scores last. Keep the first `min(N, ceil(N · keep_ratio))` tokens of that
+    order; then each row with fewer than `min(min_keep_per_sequence, its valid tokens)` kept tokens also keeps
     its best remaining tokens (same order) until it reaches that number. All zeros when N == 0.
     """
     if not 0.0 < keep_ratio <= 1.0:

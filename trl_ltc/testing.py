@@ -1,9 +1,9 @@
 """Offline building blocks for tests, benchmarks and examples: nothing is downloaded.
 
-- :func:`train_bpe` trains a byte-level BPE tokenizer in-process on a list of texts;
-- :func:`wrap_tokenizer` turns it into a ``PreTrainedTokenizerFast`` with a ChatML chat template (``<|im_end|>`` is
-  the EOS token, ``<|endoftext|>`` pads, on the left);
-- :func:`tiny_causal_lm` builds a random Qwen2-style causal LM (2 layers, hidden 64 by default, untied head).
+- [`train_bpe`] trains a byte-level BPE tokenizer in-process on a list of texts;
+- [`wrap_tokenizer`] turns it into a `PreTrainedTokenizerFast` with a ChatML chat template (`<|im_end|>` is
+  the EOS token, `<|endoftext|>` pads, on the left);
+- [`tiny_causal_lm`] builds a random Qwen2-style causal LM (2 layers, hidden 64 by default, untied head).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ __all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKENS", "tiny_causal_lm", "train_bpe", "wr
 
 
 def train_bpe(corpus: Iterable[str], vocab_size: int, exact: bool = False):
-    """A byte-level BPE ``tokenizers.Tokenizer`` with :data:`SPECIAL_TOKENS`, trained on ``corpus``.
+    """A byte-level BPE `tokenizers.Tokenizer` with :data:`SPECIAL_TOKENS`, trained on `corpus`.
 
-    BPE stops early when the corpus has no more merges; ``exact=True`` then appends ``<filler_i>`` tokens so that
-    the vocabulary has exactly ``vocab_size`` entries.
+    BPE stops early when the corpus has no more merges; `exact=True` then appends `<filler_i>` tokens so that
+    the vocabulary has exactly `vocab_size` entries.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -46,7 +46,7 @@ def train_bpe(corpus: Iterable[str], vocab_size: int, exact: bool = False):
 
 
 def wrap_tokenizer(tokenizer):
-    """``PreTrainedTokenizerFast`` over a ``tokenizers.Tokenizer`` (or its JSON string) with the ChatML template."""
+    """`PreTrainedTokenizerFast` over a `tokenizers.Tokenizer` (or its JSON string) with the ChatML template."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
@@ -71,7 +71,7 @@ def tiny_causal_lm(
     dtype: torch.dtype = torch.float32,
     max_position_embeddings: int = 2048,
 ):
-    """A random Qwen2-style causal LM in eval mode, its weights drawn from ``torch.manual_seed(seed)``."""
+    """A random Qwen2-style causal LM in eval mode, its weights drawn from `torch.manual_seed(seed)`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(

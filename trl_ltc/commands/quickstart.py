@@ -1,0 +1,158 @@
+"""`trl-ltc quickstart`: distil SmolLM2-135M-Instruct into a noisy copy of itself on CPU (`trl_ltc.quickstart`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .. import embedded
+from ..quickstart import METRICS_FILE, format_summary, heldout_prompts, recipe_path
+from ..reporting import mean_train_metrics, show_progress_logs
+from ._args import CommandParser
+
+
+@dataclass
+class QuickstartArguments:
+    """The options of `trl-ltc quickstart`; every other `--field value` goes to `trl-ltc distill`."""
+
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Where the adapter and the metrics go (unset: the recipe's, runs/quickstart)."}
+    )
+    max_steps: int | None = field(default=None, metadata={"help": "Optimizer steps (unset: the recipe's)."})
+    cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where the teacher and the student are built and kept (unset: $TRL_LTC_CACHE, else "
+            "$HF_HOME/trl-ltc)."
+        },
+    )
+    eval_prompts: int = field(
+        default=32,
+        metadata={
+            "help": "Held-out problems on which the reverse KL is measured before and after training (0: skip)."
+        },
+    )
+    eval_batch_size: int = field(default=16, metadata={"help": "Problems sampled and scored at a time."})
+
+
+def build_parser(prog: str = "trl-ltc quickstart") -> CommandParser:
+    """The parser of `trl-ltc quickstart`; `parse_command(argv, passthrough=True)` returns its
+    `QuickstartArguments` and the flags passed through to `trl-ltc distill`."""
+    return CommandParser(
+        [QuickstartArguments],
+        prog=prog,
+        description="Distil SmolLM2-135M-Instruct into a noisy copy of itself with the release rule and LoRA, on CPU, "
+        "and report the held-out teacher-student reverse KL before and after.",
+        epilog="Any other `--field value` is passed to `trl-ltc distill` (see `trl-ltc distill --help`) and overrides "
+        f"the recipe. `--config RECIPE.yaml`: the `trl-ltc distill` recipe to run instead of {recipe_path()} (the "
+        "teacher, the student and the prompts are still the quickstart's); its output_dir and max_steps are used, "
+        "while --cache_dir, --eval_prompts and --eval_batch_size are flags only.",
+        config_exclude=("cache_dir", "eval_prompts", "eval_batch_size"),  # not `trl-ltc distill` fields
+        allow_abbrev=False,  # never mistake a pass-through flag for an abbreviation of ours
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    recipe = _config_path(argv)
+    args, passthrough = build_parser().parse_command(argv, passthrough=True)
+    show_progress_logs()
+    start = time.perf_counter()
+
+    print(f"Preparing the teacher and the student in {embedded.cache_root(args.cache_dir)} ...", flush=True)
+    teacher_dir, student_dir = embedded.prepare_smollm2_pair(args.cache_dir)
+    distill_argv = _distill_argv(args, teacher_dir, student_dir, recipe) + passthrough
+    print("Running the equivalent of: trl-ltc distill " + " ".join(distill_argv), flush=True)
+
+    from ..distill import build_trainer, recipe_args
+
+    trainer = build_trainer(*recipe_args(_recipe(args, teacher_dir, student_dir, recipe), passthrough))
+    config = trainer.args
+    prompts = heldout_prompts(args.eval_prompts)
+
+    def evaluate(when: str) -> float | None:
+        if not prompts:
+            return None
+        from ..evaluation import heldout_reverse_kl
+
+        print(f"Held-out reverse KL {when} training ({len(prompts)} problems) ...", flush=True)
+        return heldout_reverse_kl(
+            trainer.accelerator.unwrap_model(trainer.model),
+            trainer.accelerator.unwrap_model(trainer.teacher_model),
+            trainer.processing_class,
+            prompts,
+            max_new_tokens=config.max_completion_length,
+            batch_size=args.eval_batch_size,
+            seed=config.seed,
+            temperature=config.temperature,
+        )
+
+    kl_before = evaluate("before")
+    train_start = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - train_start
+    kl_after = evaluate("after")
+
+    trainer.save_model(config.output_dir)
+    metrics = {
+        "steps": trainer.state.global_step,
+        "train_seconds": round(train_seconds, 2),
+        "total_seconds": round(time.perf_counter() - start, 2),
+        "heldout_reverse_kl": {
+            "before": kl_before,
+            "after": kl_after,
+            "prompts": len(prompts),
+            "max_new_tokens": config.max_completion_length,
+            "temperature": config.temperature,
+        },
+        "train_metrics": mean_train_metrics(trainer.state.log_history),
+        "teacher": teacher_dir,
+        "student": student_dir,
+        "distill_argv": distill_argv,
+        "log_history": trainer.state.log_history,
+    }
+    path = Path(config.output_dir) / METRICS_FILE
+    path.write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    print(format_summary(metrics, config, metrics_path=str(path)), flush=True)
+    return 0
+
+
+def _recipe(args: QuickstartArguments, teacher_dir: str, student_dir: str, recipe: str | None = None) -> dict:
+    """The quickstart's `trl-ltc distill` recipe: `recipe` (default `configs/quickstart.yaml`) with the embedded pair,
+    the bundled prompts and `--output_dir`/`--max_steps` when given (the pass-through flags go over it and win)."""
+    fields = yaml.safe_load(Path(recipe or recipe_path()).read_text(encoding="utf-8"))
+    fields |= {
+        "model_name_or_path": student_dir,
+        "teacher_model_name_or_path": teacher_dir,
+        "dataset_name": embedded.quickstart_dataset_path("train"),
+    }
+    given = {flag: getattr(args, flag) for flag in ("output_dir", "max_steps")}
+    return fields | {flag: value for flag, value in given.items() if value is not None}
+
+
+def _config_path(argv: list[str]) -> str | None:
+    """The value of `--config` in `argv`, if any."""
+    if "--config" in argv and argv.index("--config") + 1 < len(argv):
+        return argv[argv.index("--config") + 1]
+    return None
+
+
+def _distill_argv(
+    args: QuickstartArguments, teacher_dir: str, student_dir: str, recipe: str | None = None
+) -> list[str]:
+    """The `trl-ltc distill` arguments equivalent to `_recipe` (printed, and kept in the metrics file)."""
+    argv = [
+        "--config", recipe or recipe_path(),
+        "--model_name_or_path", student_dir,
+        "--teacher_model_name_or_path", teacher_dir,
+        "--dataset_name", embedded.quickstart_dataset_path("train"),
+    ]  # fmt: skip
+    for flag in ("output_dir", "max_steps"):
+        if getattr(args, flag) is not None:
+            argv += [f"--{flag}", str(getattr(args, flag))]
+    return argv
