@@ -1,4 +1,6 @@
-"""`release` vs `release` + `rollout_truncation="online"` on the quickstart pair (CPU): tokens, time, held-out KL.
+"""`release` vs `release` + `rollout_truncation="online"`: tokens, time and held-out quality, on two CPU benchmarks.
+
+Quickstart pair (short completions):
 
     python benchmarks/online_release.py run --mode release --seed 0 --max_steps 10     # one training run
     python benchmarks/online_release.py run --mode online --seed 0 --max_steps 10
@@ -11,7 +13,18 @@ step (generation + scoring + update), then measures the held-out reverse KL(stud
 student's samples of `--eval_prompts` held-out problems (sampling seed 0 for every run). `release` runs keep their
 release records (`release_records.jsonl`), on which `report` replays the online rule (`trl-ltc diagnose --replay`):
 the agreement of the online and offline release points on the same rollouts. Results go to
-`runs/bench_online/<mode>-seed<seed>/result.json`. Not a test.
+`runs/bench_online/<mode>-seed<seed>/result.json`.
+
+Lab pair (long completions: ~17 segments, ~133 tokens, at most 176):
+
+    python benchmarks/online_release.py lab --seeds 0 1 --max_steps 20    # full, release, online per seed, in order
+    python benchmarks/online_release.py lab-report                         # the table, mean [min, max] over seeds
+
+Each seed trains `full`, `release` and `release` + online, in that order, from the same initial student on the same
+prompts (the lab recipe `configs/lab.yaml`: full fine-tune, 16 prompts per step, `segmentation: newline`, advantage
+loss; the online rule with its defaults), timing every step and its parts (`_StepClock`), then evaluates the student
+on `--eval_problems` held-out lab problems: greedy accuracy, and pass@1 and the reverse KL on one sample per problem
+(seed 1234). Results go to `runs/bench_online_lab/<mode>-seed<seed>/result.json`. Not a test.
 """
 
 from __future__ import annotations
@@ -120,6 +133,226 @@ def report(args) -> None:
         print(json.dumps(numbers, indent=1))
 
 
+# --------------------------------------------------------------------------------------------- lab: long completions
+
+LAB_ROOT = Path("runs/bench_online_lab")
+LAB_MODES = {  # run order within a seed
+    "full": {"supervision": "full"},
+    "release": {"supervision": "release"},
+    "online": {"supervision": "release", "rollout_truncation": "online"},
+}
+
+
+class _StepClock:
+    """Per-step wall time and its split, from timers around the trainer's methods (no change to the trainer).
+
+    `generation`: `_generate_and_score_completions` (online: including the teacher's block scoring, reported apart
+    from `rollout/teacher_scoring_time`); `teacher_loss`: the teacher forward inside the loss; `student_loss`: the
+    rest of `compute_loss` (student forward, signals, weights, loss); `backward`: the rest of `training_step`;
+    `optimizer`: the rest of the step (clipping, optimizer step, scheduler, callbacks). Also counts the positions each
+    backbone processes (padding included: it is computed): the teacher's in total, the student's in the loss.
+    """
+
+    def __init__(self, trainer):
+        self.trainer, self.steps, self.current = trainer, [], None
+        self.teacher_positions = self.student_loss_positions = 0
+        self.in_loss = False
+        unwrap = trainer.accelerator.unwrap_model
+        teacher, student = unwrap(trainer.teacher_model), unwrap(trainer.model)
+
+        def count_teacher(_, args, kwargs):
+            self.teacher_positions += (kwargs.get("input_ids") if "input_ids" in kwargs else args[0]).numel()
+
+        def count_student(_, args, kwargs):
+            if self.in_loss:
+                self.student_loss_positions += (kwargs.get("input_ids") if "input_ids" in kwargs else args[0]).numel()
+
+        teacher.base_model.register_forward_pre_hook(count_teacher, with_kwargs=True)
+        student.base_model.register_forward_pre_hook(count_student, with_kwargs=True)
+        self._wrap("_generate_and_score_completions", "generation")
+        self._wrap("compute_loss", "compute_loss", in_loss=True)
+        self._wrap("training_step", "training_step")
+        hidden = trainer._get_last_hidden_state
+
+        def timed_hidden(model, *args, **kwargs):
+            start = time.perf_counter()
+            out = hidden(model, *args, **kwargs)
+            if model is teacher:
+                self.current["teacher_loss"] += time.perf_counter() - start
+            return out
+
+        trainer._get_last_hidden_state = timed_hidden
+
+    def _wrap(self, name, part, in_loss=False):
+        method = getattr(self.trainer, name)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            self.in_loss = in_loss or self.in_loss
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.in_loss = False if in_loss else self.in_loss
+                self.current[part] += time.perf_counter() - start
+
+        setattr(self.trainer, name, timed)
+
+    def begin(self):
+        self.current = dict.fromkeys(("generation", "teacher_loss", "compute_loss", "training_step"), 0.0)
+        self.teacher_positions = self.student_loss_positions = 0
+        self.start = time.perf_counter()
+
+    def end(self):
+        c, total = self.current, time.perf_counter() - self.start
+        self.steps.append(
+            {
+                "step": total,
+                "generation": c["generation"],
+                "teacher_loss": c["teacher_loss"],
+                "student_loss": c["compute_loss"] - c["teacher_loss"],
+                "backward": c["training_step"] - c["generation"] - c["compute_loss"],
+                "optimizer": total - c["training_step"],
+                "teacher_positions": self.teacher_positions,
+                "student_loss_positions": self.student_loss_positions,
+            }
+        )
+
+
+def lab_run(args) -> None:
+    """Train `full`, `release` and `release` + online on the lab pair, seed by seed in that order, and evaluate."""
+    import torch
+    from transformers import TrainerCallback
+
+    from trl_ltc.evaluation import evaluate_model
+    from trl_ltc.lab import greedy_accuracy, prepare_lab_pair, problems
+
+    torch.set_num_threads(args.threads)
+    teacher_dir, student_dir = prepare_lab_pair(progress=False)
+    test = problems("test", args.eval_problems)
+    for seed in args.seeds:
+        for mode in args.modes:
+            out = LAB_ROOT / f"{mode}-seed{seed}"
+            if (out / "result.json").is_file():
+                continue
+            trainer = build_lab_trainer(teacher_dir, student_dir, out, seed, args.max_steps, LAB_MODES[mode])
+            clock = _StepClock(trainer)
+
+            class Clock(TrainerCallback):
+                def on_step_begin(self, *_, **__):
+                    clock.begin()
+
+                def on_step_end(self, *_, **__):
+                    clock.end()
+
+            trainer.add_callback(Clock())
+            trainer.train()
+            logs = [log for log in trainer.state.log_history if "loss" in log]
+            args_batch = trainer.args.per_device_train_batch_size
+            student = trainer.accelerator.unwrap_model(trainer.model).eval()
+            teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
+            sampled = evaluate_model(
+                student, teacher, trainer.processing_class, [p["prompt"] for p in test], [p["answer"] for p in test],
+                max_new_tokens=trainer.args.max_completion_length, batch_size=64, seed=1234,
+                answer_type="statement", progress=False,
+            )  # fmt: skip
+            result = {
+                "mode": mode,
+                "seed": seed,
+                "steps": clock.steps,
+                "generated_tokens": [log["rollout/generated_tokens"] for log in logs],
+                "kept_tokens": [log["completions/mean_length"] * args_batch for log in logs],
+                "teacher_generation": [log.get("rollout/teacher_scoring_time", 0.0) for log in logs],
+                "truncated_frac": [log.get("rollout/truncated_frac", 0.0) for log in logs],
+                "kept_token_frac": [log["release/kept_token_frac"] for log in logs],
+                "greedy_accuracy": greedy_accuracy(student, trainer.processing_class, test),
+                "pass1": sampled["accuracy"],
+                "reverse_kl": sampled["reverse_kl"],
+            }
+            (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+            print(json.dumps({k: v for k, v in result.items() if k != "steps"}), flush=True)
+
+
+def lab_report(args) -> None:
+    """Markdown table of the lab runs: mean [min, max] over seeds of the per-run means (first step left out of the
+    times, a warm-up)."""
+    results = [json.loads(p.read_text()) for p in sorted(LAB_ROOT.glob("*/result.json"))]
+    mean = statistics.fmean
+
+    def per_run(r, key):
+        steps = r["steps"][1:] or r["steps"]
+        if key in ("generated_tokens", "kept_tokens", "truncated_frac", "kept_token_frac"):
+            return mean(r[key])
+        if key == "teacher_generation":
+            return mean(r[key][1:] or r[key])
+        if key == "generation_student":  # generation without the teacher's block scoring
+            return mean(s["generation"] for s in steps) - per_run(r, "teacher_generation")
+        if key == "teacher":
+            return per_run(r, "teacher_generation") + mean(s["teacher_loss"] for s in steps)
+        if key in ("greedy_accuracy", "pass1", "reverse_kl"):
+            return r[key]
+        return mean(s[key] for s in steps)
+
+    rows = [
+        ("generated tokens / step", "generated_tokens", "{:.0f}"),
+        ("trained (kept) completion tokens / step", "kept_tokens", "{:.0f}"),
+        ("trajectories stopped early", "truncated_frac", "{:.2f}"),
+        ("teacher forward positions / step", "teacher_positions", "{:.0f}"),
+        ("student positions in the loss / step", "student_loss_positions", "{:.0f}"),
+        ("s / step", "step", "{:.2f}"),
+        ("- generation (student)", "generation_student", "{:.2f}"),
+        ("- teacher (block scoring + forward in the loss)", "teacher", "{:.2f}"),
+        ("- student forward + signals + loss", "student_loss", "{:.2f}"),
+        ("- backward", "backward", "{:.2f}"),
+        ("- optimizer and the rest", "optimizer", "{:.2f}"),
+        ("held-out greedy accuracy", "greedy_accuracy", "{:.3f}"),
+        ("held-out pass@1 (1 sample)", "pass1", "{:.3f}"),
+        ("held-out reverse KL", "reverse_kl", "{:.4f}"),
+    ]
+    modes = [m for m in LAB_MODES if any(r["mode"] == m for r in results)]
+    seeds = sorted({r["seed"] for r in results})
+    print(f"seeds {seeds}; mean [min, max] over seeds\n")
+    print("| | " + " | ".join(f"`{m}`" for m in modes) + " |")
+    print("|---|" + "---|" * len(modes))
+    values = {}
+    for label, key, fmt in rows:
+        cells = []
+        for mode in modes:
+            xs = [per_run(r, key) for r in results if r["mode"] == mode]
+            values[mode, key] = mean(xs)
+            cells.append(f"{fmt.format(mean(xs))} [{fmt.format(min(xs))}, {fmt.format(max(xs))}]")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    if {"release", "online"} <= set(modes):
+        for key, label in (("generated_tokens", "generated tokens"), ("teacher_positions", "teacher positions"),
+                           ("step", "step time")):
+            change = values["online", key] / values["release", key] - 1
+            print(f"\nonline vs release, {label}: {change:+.1%}", end="")
+        if "full" in modes:
+            print(f"\nonline vs full, step time: {values['online', 'step'] / values['full', 'step'] - 1:+.1%}", end="")
+        print()
+        # paired by seed: the step-time change of each seed
+        for seed in seeds:
+            by = {r["mode"]: r for r in results if r["seed"] == seed}
+            if {"release", "online"} <= by.keys():
+                change = per_run(by["online"], "step") / per_run(by["release"], "step") - 1
+                print(f"seed {seed}: online vs release step time {change:+.1%}")
+
+
+def build_lab_trainer(teacher_dir: str, student_dir: str, out: Path, seed: int, max_steps: int, fields: dict):
+    """The trainer of the lab recipe (`configs/lab.yaml`) with `fields` over it."""
+    import yaml
+
+    from trl_ltc.distill import build_trainer, recipe_args
+    from trl_ltc.lab import lab_dataset_path
+
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "lab.yaml").read_text())
+    recipe |= {
+        "model_name_or_path": student_dir, "teacher_model_name_or_path": teacher_dir,
+        "dataset_name": lab_dataset_path("train"), "output_dir": str(out), "max_steps": max_steps, "seed": seed,
+        "release_seed": seed, "disable_tqdm": True, **fields,
+    }  # fmt: skip
+    return build_trainer(*recipe_args(recipe))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -132,8 +365,16 @@ def main() -> None:
     run_parser.add_argument("extra", nargs="*", help="more `trl-ltc distill` flags (after --)")
     report_parser = sub.add_parser("report")
     report_parser.add_argument("--check_tokens", type=int, default=16)
+    lab_parser = sub.add_parser("lab")
+    lab_parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    lab_parser.add_argument("--modes", nargs="+", choices=list(LAB_MODES), default=list(LAB_MODES))
+    lab_parser.add_argument("--max_steps", type=int, default=20)
+    lab_parser.add_argument("--eval_problems", type=int, default=256)
+    lab_parser.add_argument("--threads", type=int, default=1)
+    sub.add_parser("lab-report")
     args = parser.parse_args()
-    run(args) if args.command == "run" else report(args)
+    commands = {"run": run, "report": report, "lab": lab_run, "lab-report": lab_report}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":
