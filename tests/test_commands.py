@@ -258,7 +258,7 @@ def test_bad_values_are_usage_errors(capsys):
     with pytest.raises(SystemExit) as exit_info:
         diagnose_command.main(["--model_name_or_path", "s", "--teacher_model_name_or_path", "t", "--dataset_name", "d",
                                "--release_top_k", "1"])  # fmt: skip
-    assert exit_info.value.code == 2 and "--release_top_k must be >= 2" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "`release_top_k` must be >= 2" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         diagnose_command.main(["--config"])
 

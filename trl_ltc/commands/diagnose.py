@@ -12,9 +12,29 @@ from ..diagnostics.pipeline import _load_prompts, diagnose
 from ..diagnostics.records import DEFAULT_BINS, write_records
 from ..prompts import PROMPT_COLUMN
 from ..segmentation import SEGMENTATION_METHODS
+from ..spec import SupervisionSpec
 from ..teachability import TOKEN_SCORES
 from ._args import CONFIG_HELP, CommandParser, missing_error
 
+
+
+def release_spec(args) -> SupervisionSpec:
+    """The `SupervisionSpec` of the rule diagnose measures (`release`, with the TA-OPD settings it also reports):
+    the same validation as `TeachabilityGKDConfig`, so a diagnose setting means what the trainer's field means."""
+    return SupervisionSpec(
+        policy="release",
+        release_top_k=args.release_top_k,
+        segmentation=args.segmentation,
+        segment_window=args.segment_window,
+        token_score=args.token_score,
+        token_keep_ratio=args.token_keep_ratio,
+        token_top_k=args.token_top_k,
+        token_min_keep=args.token_min_keep,
+        seed=args.seed,
+        online_min_segments=args.online_min_segments,
+        online_patience=args.online_patience,
+        online_check_tokens=args.online_check_tokens,
+    )
 
 def _preset(name: str) -> dict:
     """Resolve `--preset`. PRESET HOOK: `quickstart` needs `trl_ltc.embedded.prepare_smollm2_pair()` returning
@@ -212,14 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("num_prompts", "batch_size", "max_completion_length", "segment_window", "num_cases", "bins"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1; got {getattr(args, name)}")
-    if args.release_top_k < 2:
-        parser.error(f"--release_top_k must be >= 2; got {args.release_top_k}")
-    if args.token_top_k < 1 or args.token_min_keep < 0:
-        parser.error(
-            f"--token_top_k must be >= 1 and --token_min_keep >= 0; got {args.token_top_k}, {args.token_min_keep}"
-        )
-    if not 0 < args.token_keep_ratio <= 1:
-        parser.error(f"--token_keep_ratio must be in (0, 1]; got {args.token_keep_ratio}")
+    try:  # the release and TA-OPD settings are checked once, by the spec the trainer uses
+        release_spec(args)
+    except ValueError as error:
+        parser.error(str(error))
     if not args.temperature > 0:
         parser.error(f"--temperature must be > 0; got {args.temperature}")
 

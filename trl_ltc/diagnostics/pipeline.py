@@ -64,17 +64,14 @@ def diagnose(
     from ..generation import sample_completions
     from ..segmentation import segment_completions
     from ..signals import shared_vocab_size, token_signals
+    from ..spec import check_top_k
     from ..supervision import supervision_weights
     from ..teachability import TeachabilityFeatures
 
     vocab = shared_vocab_size(student, teacher)  # the token ids both output heads have (they may be padded)
     for k in (top_k, *top_k_sweep):
-        if not 2 <= k <= vocab:
-            raise ValueError(
-                f"Every K (--top_k, --top_k_sweep) must be in [2, {vocab}] (the vocabulary size); got {k}."
-            )
-    if not 1 <= token_top_k <= vocab:
-        raise ValueError(f"--token_top_k must be in [1, {vocab}] (the vocabulary size); got {token_top_k}.")
+        check_top_k("release_top_k", k, vocab)
+    check_top_k("token_top_k", token_top_k, vocab, minimum=1)
     generator = torch.Generator().manual_seed(seed)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
