@@ -144,16 +144,22 @@ LAB_MODES = {  # run order within a seed
 
 
 class _StepClock:
-    """Per-step wall time and its split, from timers around the trainer's methods (no change to the trainer).
+    """Per-step time and its split, from timers around the trainer's methods (no change to the trainer).
 
-    `generation`: `_generate_and_score_completions` (online: including the teacher's block scoring, reported apart
-    from `rollout/teacher_scoring_time`); `teacher_loss`: the teacher forward inside the loss; `student_loss`: the
-    rest of `compute_loss` (student forward, signals, weights, loss); `backward`: the rest of `training_step`;
-    `optimizer`: the rest of the step (clipping, optimizer step, scheduler, callbacks). Also counts the positions each
-    backbone processes (padding included: it is computed): the teacher's in total, the student's in the loss.
+    Every part is timed twice: wall time and this process's CPU time (`time.process_time`, with one torch thread the
+    compute itself, much less sensitive than wall time to other processes on shared cores). `generation`:
+    `_generate_and_score_completions`; `teacher_generation`: the teacher's block scoring inside it (online: its block
+    forwards and chunked projections); `teacher_loss`: the teacher forward inside the loss; `student_loss`: the rest of
+    `compute_loss` (student forward, signals, weights, loss); `backward`: the rest of `training_step`; `optimizer`: the
+    rest of the step (clipping, optimizer step, scheduler, callbacks). Also counts the positions each backbone
+    processes (padding included: it is computed): the teacher's in total, the student's in the loss.
     """
 
+    active = None  # the clock of the step in progress
+
     def __init__(self, trainer):
+        from trl_ltc import online
+
         self.trainer, self.steps, self.current = trainer, [], None
         self.teacher_positions = self.student_loss_positions = 0
         self.in_loss = False
@@ -161,61 +167,82 @@ class _StepClock:
         teacher, student = unwrap(trainer.teacher_model), unwrap(trainer.model)
 
         def count_teacher(_, args, kwargs):
-            self.teacher_positions += (kwargs.get("input_ids") if "input_ids" in kwargs else args[0]).numel()
+            self.teacher_positions += kwargs["input_ids"].numel()
 
         def count_student(_, args, kwargs):
             if self.in_loss:
-                self.student_loss_positions += (kwargs.get("input_ids") if "input_ids" in kwargs else args[0]).numel()
+                self.student_loss_positions += kwargs["input_ids"].numel()
 
         teacher.base_model.register_forward_pre_hook(count_teacher, with_kwargs=True)
         student.base_model.register_forward_pre_hook(count_student, with_kwargs=True)
-        self._wrap("_generate_and_score_completions", "generation")
-        self._wrap("compute_loss", "compute_loss", in_loss=True)
-        self._wrap("training_step", "training_step")
+        self._wrap(trainer, "_generate_and_score_completions", "generation")
+        self._wrap(trainer, "compute_loss", "compute_loss", in_loss=True)
+        self._wrap(trainer, "training_step", "training_step")
+        # the online teacher scoring: its block forwards and the chunked projections of their hidden states (patched
+        # once per process, timed by the clock of the step in progress)
+        if not hasattr(online, "_clocked"):
+            online._clocked = True
+            for owner, name in ((online.CachedForward, "__call__"), (online, "_project")):
+                method = getattr(owner, name)
+
+                def timed(*args, _method=method, **kwargs):
+                    clock = _StepClock.active
+                    if clock is None:
+                        return _method(*args, **kwargs)
+                    return clock._timed("teacher_generation", _method, *args, **kwargs)
+
+                setattr(owner, name, timed)
         hidden = trainer._get_last_hidden_state
 
         def timed_hidden(model, *args, **kwargs):
-            start = time.perf_counter()
-            out = hidden(model, *args, **kwargs)
-            if model is teacher:
-                self.current["teacher_loss"] += time.perf_counter() - start
-            return out
+            if model is not teacher:
+                return hidden(model, *args, **kwargs)
+            return self._timed("teacher_loss", hidden, model, *args, **kwargs)
 
         trainer._get_last_hidden_state = timed_hidden
 
-    def _wrap(self, name, part, in_loss=False):
-        method = getattr(self.trainer, name)
+    def _timed(self, part, function, *args, in_loss=False, **kwargs):
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.in_loss = in_loss or self.in_loss
+        try:
+            return function(*args, **kwargs)
+        finally:
+            self.in_loss = False if in_loss else self.in_loss
+            if self.current is not None:
+                self.current[part][0] += time.perf_counter() - wall
+                self.current[part][1] += time.process_time() - cpu
+
+    def _wrap(self, trainer, name, part, in_loss=False):
+        method = getattr(trainer, name)
 
         def timed(*args, **kwargs):
-            start = time.perf_counter()
-            self.in_loss = in_loss or self.in_loss
-            try:
-                return method(*args, **kwargs)
-            finally:
-                self.in_loss = False if in_loss else self.in_loss
-                self.current[part] += time.perf_counter() - start
+            return self._timed(part, method, *args, in_loss=in_loss, **kwargs)
 
-        setattr(self.trainer, name, timed)
+        setattr(trainer, name, timed)
 
     def begin(self):
-        self.current = dict.fromkeys(("generation", "teacher_loss", "compute_loss", "training_step"), 0.0)
+        parts = ("generation", "teacher_generation", "teacher_loss", "compute_loss", "training_step")
+        self.current = {part: [0.0, 0.0] for part in parts}
         self.teacher_positions = self.student_loss_positions = 0
-        self.start = time.perf_counter()
+        self.start = time.perf_counter(), time.process_time()
+        _StepClock.active = self
 
     def end(self):
-        c, total = self.current, time.perf_counter() - self.start
-        self.steps.append(
-            {
-                "step": total,
-                "generation": c["generation"],
-                "teacher_loss": c["teacher_loss"],
-                "student_loss": c["compute_loss"] - c["teacher_loss"],
-                "backward": c["training_step"] - c["generation"] - c["compute_loss"],
-                "optimizer": total - c["training_step"],
-                "teacher_positions": self.teacher_positions,
-                "student_loss_positions": self.student_loss_positions,
+        c = self.current
+        record = {"teacher_positions": self.teacher_positions, "student_loss_positions": self.student_loss_positions}
+        for index, prefix in ((0, ""), (1, "cpu_")):
+            total = (time.perf_counter(), time.process_time())[index] - self.start[index]
+            part = {name: value[index] for name, value in c.items()}
+            record |= {
+                f"{prefix}step": total,
+                f"{prefix}generation_student": part["generation"] - part["teacher_generation"],
+                f"{prefix}teacher": part["teacher_generation"] + part["teacher_loss"],
+                f"{prefix}student_loss": part["compute_loss"] - part["teacher_loss"],
+                f"{prefix}backward": part["training_step"] - part["generation"] - part["compute_loss"],
+                f"{prefix}optimizer": total - part["training_step"],
             }
-        )
+        self.steps.append(record)
+        self.current, _StepClock.active = None, None
 
 
 def lab_run(args) -> None:
@@ -229,6 +256,8 @@ def lab_run(args) -> None:
     torch.set_num_threads(args.threads)
     teacher_dir, student_dir = prepare_lab_pair(progress=False)
     test = problems("test", args.eval_problems)
+    for mode in ("release", "online"):  # warm-up, not recorded: the first runs of a process pay one-time costs
+        build_lab_trainer(teacher_dir, student_dir, LAB_ROOT / "warmup", 0, 2, LAB_MODES[mode]).train()
     for seed in args.seeds:
         for mode in args.modes:
             out = LAB_ROOT / f"{mode}-seed{seed}"
@@ -261,7 +290,6 @@ def lab_run(args) -> None:
                 "steps": clock.steps,
                 "generated_tokens": [log["rollout/generated_tokens"] for log in logs],
                 "kept_tokens": [log["completions/mean_length"] * args_batch for log in logs],
-                "teacher_generation": [log.get("rollout/teacher_scoring_time", 0.0) for log in logs],
                 "truncated_frac": [log.get("rollout/truncated_frac", 0.0) for log in logs],
                 "kept_token_frac": [log["release/kept_token_frac"] for log in logs],
                 "greedy_accuracy": greedy_accuracy(student, trainer.processing_class, test),
@@ -279,18 +307,11 @@ def lab_report(args) -> None:
     mean = statistics.fmean
 
     def per_run(r, key):
-        steps = r["steps"][1:] or r["steps"]
         if key in ("generated_tokens", "kept_tokens", "truncated_frac", "kept_token_frac"):
             return mean(r[key])
-        if key == "teacher_generation":
-            return mean(r[key][1:] or r[key])
-        if key == "generation_student":  # generation without the teacher's block scoring
-            return mean(s["generation"] for s in steps) - per_run(r, "teacher_generation")
-        if key == "teacher":
-            return per_run(r, "teacher_generation") + mean(s["teacher_loss"] for s in steps)
         if key in ("greedy_accuracy", "pass1", "reverse_kl"):
             return r[key]
-        return mean(s[key] for s in steps)
+        return mean(s[key] for s in r["steps"][1:] or r["steps"])
 
     rows = [
         ("generated tokens / step", "generated_tokens", "{:.0f}"),
@@ -298,12 +319,18 @@ def lab_report(args) -> None:
         ("trajectories stopped early", "truncated_frac", "{:.2f}"),
         ("teacher forward positions / step", "teacher_positions", "{:.0f}"),
         ("student positions in the loss / step", "student_loss_positions", "{:.0f}"),
-        ("s / step", "step", "{:.2f}"),
-        ("- generation (student)", "generation_student", "{:.2f}"),
-        ("- teacher (block scoring + forward in the loss)", "teacher", "{:.2f}"),
-        ("- student forward + signals + loss", "student_loss", "{:.2f}"),
-        ("- backward", "backward", "{:.2f}"),
-        ("- optimizer and the rest", "optimizer", "{:.2f}"),
+        ("s / step (wall)", "step", "{:.2f}"),
+        ("CPU s / step", "cpu_step", "{:.2f}"),
+    ]
+    parts = [
+        ("generation (student)", "generation_student"),
+        ("teacher (block scoring + forward in the loss)", "teacher"),
+        ("student forward + signals + loss", "student_loss"),
+        ("backward", "backward"),
+        ("optimizer and the rest", "optimizer"),
+    ]
+    rows += [(f"- {label} (CPU s)", f"cpu_{key}", "{:.3f}") for label, key in parts]
+    rows += [
         ("held-out greedy accuracy", "greedy_accuracy", "{:.3f}"),
         ("held-out pass@1 (1 sample)", "pass1", "{:.3f}"),
         ("held-out reverse KL", "reverse_kl", "{:.4f}"),
@@ -322,19 +349,19 @@ def lab_report(args) -> None:
             cells.append(f"{fmt.format(mean(xs))} [{fmt.format(min(xs))}, {fmt.format(max(xs))}]")
         print(f"| {label} | " + " | ".join(cells) + " |")
     if {"release", "online"} <= set(modes):
-        for key, label in (("generated_tokens", "generated tokens"), ("teacher_positions", "teacher positions"),
-                           ("step", "step time")):
-            change = values["online", key] / values["release", key] - 1
-            print(f"\nonline vs release, {label}: {change:+.1%}", end="")
-        if "full" in modes:
-            print(f"\nonline vs full, step time: {values['online', 'step'] / values['full', 'step'] - 1:+.1%}", end="")
         print()
-        # paired by seed: the step-time change of each seed
-        for seed in seeds:
+        compared = [("release", "generated_tokens"), ("release", "teacher_positions"), ("release", "step")]
+        compared += [("release", "cpu_step"), ("full", "step"), ("full", "cpu_step")]
+        for other, key in compared:
+            if other in modes:
+                print(f"online vs {other}, {key}: {values['online', key] / values[other, key] - 1:+.1%}")
+        for seed in seeds:  # paired by seed
             by = {r["mode"]: r for r in results if r["seed"] == seed}
-            if {"release", "online"} <= by.keys():
-                change = per_run(by["online"], "step") / per_run(by["release"], "step") - 1
-                print(f"seed {seed}: online vs release step time {change:+.1%}")
+            changes = [
+                f"{key} {per_run(by['online'], key) / per_run(by[other], key) - 1:+.1%} vs {other}"
+                for other in ("release", "full") if {other, "online"} <= by.keys() for key in ("step", "cpu_step")
+            ]  # fmt: skip
+            print(f"seed {seed}: " + ", ".join(changes))
 
 
 def build_lab_trainer(teacher_dir: str, student_dir: str, out: Path, seed: int, max_steps: int, fields: dict):
