@@ -301,8 +301,8 @@ def lab_run(args) -> None:
 
 
 def lab_report(args) -> None:
-    """Markdown table of the lab runs: mean [min, max] over seeds of the per-run means (first step left out of the
-    times, a warm-up)."""
+    """Markdown table of the lab runs: mean [min, max] over seeds of each run's value; per-step numbers are the
+    run's median over its steps after the first (robust to bursts of load from other processes on shared cores)."""
     results = [json.loads(p.read_text()) for p in sorted(LAB_ROOT.glob("*/result.json"))]
     mean = statistics.fmean
 
@@ -311,7 +311,7 @@ def lab_report(args) -> None:
             return mean(r[key])
         if key in ("greedy_accuracy", "pass1", "reverse_kl"):
             return r[key]
-        return mean(s[key] for s in r["steps"][1:] or r["steps"])
+        return statistics.median(s[key] for s in r["steps"][1:] or r["steps"])
 
     rows = [
         ("generated tokens / step", "generated_tokens", "{:.0f}"),
