@@ -315,7 +315,7 @@ def lab_report(args) -> None:
 
     rows = [
         ("generated tokens / step", "generated_tokens", "{:.0f}"),
-        ("trained (kept) completion tokens / step", "kept_tokens", "{:.0f}"),
+        ("completion tokens in the training batch / step", "kept_tokens", "{:.0f}"),
         ("trajectories stopped early", "truncated_frac", "{:.2f}"),
         ("teacher forward positions / step", "teacher_positions", "{:.0f}"),
         ("student positions in the loss / step", "student_loss_positions", "{:.0f}"),
