@@ -40,6 +40,11 @@ PARENT_METHODS = {
     "_get_train_sampler": ["self", "dataset"],
     "_save_rng_state": ["self", "output_dir"],
     "_load_rng_state": ["self", "checkpoint"],
+    "_get_last_hidden_state": [
+        "self", "unwrapped_model", "input_ids", "attention_mask", "logits_to_keep", "pixel_values", "image_grid_thw",
+        "pixel_attention_mask", "spatial_shapes", "image_sizes", "token_type_ids", "mm_token_type_ids",
+        "image_position_ids",
+    ],  # fmt: skip
 }
 
 
@@ -57,7 +62,13 @@ def test_the_divergence_loss_hook_has_the_expected_signature():
     assert f"{hooks.DIVERGENCE_LOSS}(" in inspect.getsource(DistillationTrainer._compute_loss)
     # ... and `_supervised_loss` accepts every argument it is called with.
     ours = _parameters(TeachabilityGKDTrainer._supervised_loss)
-    assert ours == ["self", "inputs", *DIVERGENCE_PARAMETERS, "fractions_only"]
+    assert ours == ["self", "inputs", *DIVERGENCE_PARAMETERS, "fractions_only", "teacher_scores"]
+
+
+def test_the_teacher_forward_of_the_loss_goes_through_get_last_hidden_state():
+    # `_get_last_hidden_state` is overridden to skip the teacher's forward when an online rollout's scores are used.
+    source = inspect.getsource(DistillationTrainer._compute_loss)
+    assert "self._get_last_hidden_state,\n                unwrapped_teacher," in source
 
 
 def test_the_model_loader_hook_is_where_the_teacher_is_loaded():

@@ -6,8 +6,9 @@ replaced by fixed completions derived from the prompt token ids, and the optimiz
 learning rate and no clipping, so the update is proportional to the gradient of the global loss: the first step's
 loss, the updated weights and the logged supervision metrics must agree. With `random_release` the release fractions
 are permuted across the global batch: both processes gather the same four fractions, draw the same permutation as the
-single process, and apply it to their own rows. The test is skipped (not failed) only when the processes cannot start
-or meet.
+single process, and apply it to their own rows. With online release (`rollout_truncation="online"`) the completions
+are generated greedily by the online loop, some are stopped early, and the loss uses the teacher scores computed while
+generating. The test is skipped (not failed) only when the processes cannot start or meet.
 """
 
 import os
@@ -40,14 +41,22 @@ open(f"{sys.argv[1]}/ready{state.process_index}", "w").close()  # from here on, 
 
 from test_multiprocess import one_step
 
-one_step(sys.argv[1], per_device_batch=2, supervision=sys.argv[2])
+one_step(sys.argv[1], per_device_batch=2, supervision=sys.argv[2], online=sys.argv[3] == "online")
 """
 
 
-def one_step(out_dir: str, per_device_batch: int, supervision: str = "release") -> dict:
-    """One optimizer step on tiny random models; returns (and saves to `out_dir/rank<i>.pt`) what this process saw."""
+def one_step(out_dir: str, per_device_batch: int, supervision: str = "release", online: bool = False) -> dict:
+    """One optimizer step on tiny random models; returns (and saves to `out_dir/rank<i>.pt`) what this process saw.
+
+    With `online`, the completions come from the online release loop with greedy decoding (`rollout_truncation=
+    "online"`, the same completions for a row whatever the other rows of its process) instead of fixed ones.
+    """
     tokenizer = make_tokenizer()
     vocab = len(tokenizer)
+    online_args = dict(
+        rollout_truncation="online", online_min_segments=2, online_patience=1, online_check_tokens=3,
+        generation_kwargs={"do_sample": False},
+    )  # fmt: skip
     args = TeachabilityGKDConfig(
         output_dir=out_dir,
         max_steps=1,
@@ -69,6 +78,7 @@ def one_step(out_dir: str, per_device_batch: int, supervision: str = "release") 
         learning_rate=0.5,
         lr_scheduler_type="constant",
         max_grad_norm=0.0,
+        **(online_args if online else {}),
     )
     trainer = TeachabilityGKDTrainer(
         model=make_model(vocab, seed=1),
@@ -81,7 +91,8 @@ def one_step(out_dir: str, per_device_batch: int, supervision: str = "release") 
     def generate(prompt_ids, images, multimodal_fields, has_tool_images=False):  # as in tests/test_trainer.py
         return [[(7 * sum(ids) + 13 * i) % (vocab - 3) + 3 for i in range(3 + sum(ids) % 9)] for ids in prompt_ids]
 
-    trainer._generate_single_turn = generate
+    if not online:
+        trainer._generate_single_turn = generate
     batches, permutations, compute_loss = [], [], trainer.compute_loss
     permute = trl_ltc.trainer.permute_release_fractions
 
@@ -102,6 +113,7 @@ def one_step(out_dir: str, per_device_batch: int, supervision: str = "release") 
                 "padded": not inputs["prompt_mask"].all(),
                 "kept": int(kept.sum()),
                 "tokens": int(mask.sum()),
+                "cached_teacher_scores": "online_teacher_logprobs" in inputs,
             }
         )
         return loss
@@ -122,7 +134,7 @@ def one_step(out_dir: str, per_device_batch: int, supervision: str = "release") 
     return result
 
 
-def _launch_two_processes(tmp_path, supervision):
+def _launch_two_processes(tmp_path, supervision, online=False):
     script, out_dir = tmp_path / "launched.py", tmp_path / "two"
     script.write_text(LAUNCHED)
     out_dir.mkdir()
@@ -134,7 +146,7 @@ def _launch_two_processes(tmp_path, supervision):
         "TOKENIZERS_PARALLELISM": "false",
     }
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += [str(script), str(out_dir), supervision]
+    command += [str(script), str(out_dir), supervision, "online" if online else "offline"]
 
     def started():
         return all((out_dir / f"ready{rank}").exists() for rank in range(2))
@@ -153,11 +165,11 @@ def _launch_two_processes(tmp_path, supervision):
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
 
 
-@pytest.mark.parametrize("supervision", ["release", "random_release"])
-def test_two_processes_match_one_process(tmp_path, supervision):
-    ranks = _launch_two_processes(tmp_path, supervision)
+@pytest.mark.parametrize("supervision, online", [("release", False), ("random_release", False), ("release", True)])
+def test_two_processes_match_one_process(tmp_path, supervision, online):
+    ranks = _launch_two_processes(tmp_path, supervision, online)
     (tmp_path / "one").mkdir()
-    reference = one_step(str(tmp_path / "one"), per_device_batch=4, supervision=supervision)
+    reference = one_step(str(tmp_path / "one"), per_device_batch=4, supervision=supervision, online=online)
 
     # Preconditions: each process saw two of the four prompts, together the four of the single process, none padded
     # (padding would shift positions), and the kept fraction differs between the two processes' batches, so a
@@ -169,7 +181,11 @@ def test_two_processes_match_one_process(tmp_path, supervision):
     assert not any(b["padded"] for b in (single, *per_rank))
     both = torch.cat([b["prompt_ids"] for b in per_rank])
     assert sorted(both.tolist()) == sorted(single["prompt_ids"].tolist())
-    assert per_rank[0]["kept"] / per_rank[0]["tokens"] != per_rank[1]["kept"] / per_rank[1]["tokens"]
+    if online:  # some trajectories were stopped, and the loss used the teacher scores of the rollouts
+        assert reference["log"][0]["rollout/truncated_frac"] > 0
+        assert all(b["cached_teacher_scores"] for b in (single, *per_rank))
+    else:
+        assert per_rank[0]["kept"] / per_rank[0]["tokens"] != per_rank[1]["kept"] / per_rank[1]["tokens"]
 
     # Metrics are gathered: every process logs the values of the global batch, computed here from both batches.
     log, reference_log = ranks[0]["log"][0], reference["log"][0]
@@ -177,7 +193,8 @@ def test_two_processes_match_one_process(tmp_path, supervision):
     kept, tokens = sum(b["kept"] for b in per_rank), sum(b["tokens"] for b in per_rank)
     assert (kept, tokens) == (single["kept"], single["tokens"])
     assert log["release/kept_token_frac"] == pytest.approx(kept / tokens, abs=1e-6)
-    for name in ("loss", *METRICS):
+    compared = (*METRICS, "rollout/generated_tokens", "rollout/truncated_frac") if online else METRICS
+    for name in ("loss", *compared):
         assert log[name] == pytest.approx(reference_log[name], rel=1e-4, abs=1e-6), name
 
     # The same update: both processes hold the weights of the single-process step, which did move.

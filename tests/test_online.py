@@ -202,6 +202,55 @@ def test_generation_loop_stops_exactly_where_online_release_says(tokenizer, mode
     assert rollout.teacher_time > 0
 
 
+# Bound on |cached - recomputed| for the teacher's scores in fp32 on CPU: the block forward through the KV cache and
+# the full forward of the loss sum in different orders (observed: at most 5e-7 on these models).
+SCORE_ATOL = 1e-5
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_generation_loop_returns_the_teacher_scores_of_the_kept_tokens(tokenizer, models, temperature):
+    """`log pT(y_t)` and the margin computed block by block equal a full forward over the kept completions."""
+    from trl.trainer.utils import pad
+
+    from trl_ltc.signals import token_signals
+
+    student, teacher = models
+    ids, mask = _prompts(tokenizer, seed=3)
+    torch.manual_seed(1)
+    rollout = _generate(tokenizer, student, teacher, ids, mask, temperature=temperature)
+    assert rollout.stopped.any() and not rollout.stopped.all()
+    kept = [torch.tensor(c, dtype=torch.long) for c in rollout.completion_ids]
+    completion = pad(kept, padding_value=tokenizer.pad_token_id)
+    completion_mask = pad([torch.ones_like(c) for c in kept], padding_value=0)
+    width = completion.shape[1]
+    assert rollout.teacher_logprobs.shape == rollout.margins.shape and rollout.teacher_logprobs.shape[1] >= width
+    signals = token_signals(
+        student, teacher, torch.cat([ids, completion], 1), torch.cat([mask, completion_mask], 1),
+        torch.cat([torch.zeros_like(mask), completion_mask], 1), top_k=5, temperature=temperature,
+    )  # fmt: skip
+    on = completion_mask.bool()
+    pairs = (rollout.teacher_logprobs, signals.teacher_logprobs), (rollout.margins, signals.margins)
+    for cached, recomputed in pairs:
+        recomputed = recomputed[:, ids.shape[1] :]
+        torch.testing.assert_close(cached[:, :width][on], recomputed[on], atol=SCORE_ATOL, rtol=0)
+        assert (cached[:, :width][~on] == 0).all() and (cached[:, width:] == 0).all()  # the dropped suffix, padding
+    assert (rollout.teacher_logprobs[on] < 0).all()
+
+
+def test_generation_loop_names_a_non_finite_teacher(tokenizer, models):
+    import copy
+
+    from trl_ltc.signals import SignalsError
+
+    student, teacher = models
+    broken = copy.deepcopy(teacher)
+    with torch.no_grad():
+        broken.get_output_embeddings().weight[5] = float("nan")
+    ids, mask = _prompts(tokenizer, batch=2)
+    with pytest.raises(SignalsError, match="The teacher model produced non-finite logits"):
+        _generate(tokenizer, student, broken, ids, mask, max_new_tokens=8)
+
+
 def test_generation_loop_continues_blocks_like_one_generate_call(tokenizer, models):
     """Greedy: the blocks (KV caches continued, stopped rows dropped) generate the tokens of one generate call."""
     from transformers import GenerationConfig
@@ -276,7 +325,9 @@ def test_online_truncation_trains_and_drops_the_released_tokens(tmp_path, tokeni
     rollouts = []
     generate = trainer._generate_online
     trainer._generate_online = lambda prompt_ids: rollouts.append(generate(prompt_ids)) or rollouts[-1]
+    calls = _TeacherCalls(trainer)
     trainer.train()
+    assert calls.loss == 0 and calls.other > 0  # one teacher pass per token: while generating, none in the loss
 
     logs = [log for log in trainer.state.log_history if "loss" in log]
     assert len(logs) == 2
@@ -313,6 +364,95 @@ def copy_model(model):
     import copy
 
     return copy.deepcopy(model).train()
+
+
+def _online_trainer(tmp_path, tokenizer, models, **overrides):
+    from datasets import Dataset
+
+    from trl_ltc import TeachabilityGKDTrainer
+
+    prompts = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"Tom has {i} apples."}] for i in range(8)]})
+    options = dict(
+        max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_completion_length=16,
+        logging_steps=1, learning_rate=1e-3, segmentation="fixed", segment_window=2, release_diagnostics_steps=0,
+        rollout_truncation="online", online_min_segments=2, online_patience=1, online_check_tokens=3,
+    )  # fmt: skip
+    args = _config(tmp_path, **{**options, **overrides})
+    student, teacher = (copy_model(m) for m in models)
+    return TeachabilityGKDTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=prompts, processing_class=tokenizer
+    )
+
+
+class _TeacherCalls:
+    """Counts the teacher backbone's forward calls, split into those inside `compute_loss` and the others."""
+
+    def __init__(self, trainer):
+        self.loss = self.other = 0
+        self.in_loss = False
+        trainer.teacher_model.base_model.register_forward_hook(self._count)
+        compute_loss = trainer.compute_loss
+
+        def counting_compute_loss(*args, **kwargs):
+            self.in_loss = True
+            try:
+                return compute_loss(*args, **kwargs)
+            finally:
+                self.in_loss = False
+
+        trainer.compute_loss = counting_compute_loss
+
+    def _count(self, *_):
+        if self.in_loss:
+            self.loss += 1
+        else:
+            self.other += 1
+
+
+def test_online_loss_uses_the_cached_teacher_scores(tmp_path, tokenizer, models, monkeypatch):
+    """On one online batch the loss from the rollout's teacher scores equals the loss that runs the teacher again:
+    the teacher's log-probs, margins, loss, gradient, weights and metrics; the cached path calls no teacher forward."""
+    import trl_ltc.trainer
+
+    trainer = _online_trainer(tmp_path, tokenizer, models)
+    calls = _TeacherCalls(trainer)
+    signals, recorded = [], trl_ltc.trainer.signals_from_hidden
+    monkeypatch.setattr(
+        trl_ltc.trainer, "signals_from_hidden", lambda *a, **k: signals.append(recorded(*a, **k)) or signals[-1]
+    )
+    torch.manual_seed(0)
+    batch = trainer._generate_and_score_completions([{"prompt": row["prompt"]} for row in trainer.train_dataset])
+    assert batch["online_stopped"].any() and not batch["online_stopped"].all()
+    assert batch["online_teacher_logprobs"].shape == batch["online_margins"].shape == batch["completion_ids"].shape
+    recomputed_batch = {k: v for k, v in batch.items() if k not in ("online_teacher_logprobs", "online_margins")}
+    assert calls.loss == 0 and calls.other > 0  # the teacher scored the blocks while generating
+
+    results, null_state = [], trainer.null_generator.get_state()
+    for inputs in (batch, recomputed_batch):
+        trainer.model.zero_grad()
+        trainer.null_generator.set_state(null_state)  # the same shuffles for `release/accepted_frac_null`
+        metrics = trainer._metrics["train"]
+        before = {name: len(values) for name, values in metrics.items()}
+        loss = trainer.compute_loss(trainer.model, inputs)
+        loss.backward()
+        logged = {n: v[before.get(n, 0) :] for n, v in metrics.items() if not n.startswith("rollout/")}
+        grads = [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
+        results.append((loss.detach(), signals[-1], trainer.last_supervision, logged, grads))
+    assert calls.loss == 1  # only the second pass ran the teacher
+
+    (loss, cached, weights, logged, grads), (loss_ref, ref, weights_ref, logged_ref, grads_ref) = results
+    on = batch["completion_mask"].bool()
+    torch.testing.assert_close(cached.teacher_logprobs[on], ref.teacher_logprobs[on], atol=SCORE_ATOL, rtol=0)
+    torch.testing.assert_close(cached.margins[on], ref.margins[on], atol=SCORE_ATOL, rtol=0)
+    torch.testing.assert_close(cached.student_logprobs, ref.student_logprobs)
+    torch.testing.assert_close(loss, loss_ref, atol=SCORE_ATOL, rtol=1e-4)
+    for grad, grad_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(grad, grad_ref, atol=1e-5, rtol=1e-3)
+    torch.testing.assert_close(weights.weights, weights_ref.weights)
+    assert torch.equal(weights.change_point.release_segment, weights_ref.change_point.release_segment)
+    assert logged.keys() == logged_ref.keys() and "margin/prefix_mean" in logged and "advantage/mean" in logged
+    for name in logged:
+        assert logged[name] == pytest.approx(logged_ref[name], abs=SCORE_ATOL, rel=1e-4, nan_ok=True), name
 
 
 def test_online_truncation_rejects_unsupported_setups(tmp_path, tokenizer, models):
@@ -457,3 +597,19 @@ def test_online_truncation_with_vllm_colocate(tmp_path, tokenizer, models):
     trainer.train()
     logs = [log for log in trainer.state.log_history if "loss" in log]
     assert len(logs) == 2 and all("rollout/truncated_frac" in log for log in logs)
+
+
+def test_online_parent_loss_runs_the_teacher_and_counts_its_time(tmp_path, tokenizer, models):
+    """`loss_type="parent"` needs the teacher's distribution: one teacher forward per micro-batch, timed into
+    `rollout/teacher_scoring_time` on top of the scoring while generating."""
+    import math
+
+    trainer = _online_trainer(tmp_path, tokenizer, models, loss_type="parent", max_steps=1)
+    rollouts, generate = [], trainer._generate_online
+    trainer._generate_online = lambda prompt_ids: rollouts.append(generate(prompt_ids)) or rollouts[-1]
+    calls = _TeacherCalls(trainer)
+    trainer.train()
+    (log,) = [log for log in trainer.state.log_history if "loss" in log]
+    assert math.isfinite(log["loss"])
+    assert calls.loss == 2  # gradient_accumulation_steps micro-batches
+    assert log["rollout/teacher_scoring_time"] > rollouts[0].teacher_time > 0

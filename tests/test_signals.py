@@ -162,3 +162,29 @@ def test_padded_heads_give_the_signals_of_the_shared_vocabulary(chunk_size):
             rows = param.shape[0] if param.shape == grads[name].shape else VOCAB  # the padded matrices: shared rows
             torch.testing.assert_close(param.grad[:rows], grads[name], rtol=1e-5, atol=1e-7, msg=name)
             assert (param.grad[rows:] == 0).all(), name  # the padded rows get no gradient
+
+
+def test_cached_teacher_scores_replace_the_teacher_projection():
+    """With `teacher_scores` the teacher's hidden states are not read; the student's signals and gradient are those of
+    the full computation, and the teacher's are the given scores (0 outside the mask)."""
+    from trl_ltc.signals import TeacherScores, last_hidden_state
+
+    student, teacher = make_model(VOCAB, seed=1), make_model(VOCAB, seed=2, hidden_size=32)
+    ids, attn, cmask = _batch()
+    hidden = last_hidden_state(student, ids, attn)[:, :-1]
+    with torch.no_grad():
+        teacher_hidden = last_hidden_state(teacher, ids, attn)[:, :-1]
+    args = ids[:, 1:], cmask[:, 1:], OutputHead.of(student), OutputHead.of(teacher)
+    full = signals_from_hidden(hidden, teacher_hidden, *args, top_k=5, temperature=0.7, chunk_size=4)
+    scores = TeacherScores(full.teacher_logprobs + 7.0, full.margins + 3.0)  # anything outside the mask is ignored
+    cached = signals_from_hidden(hidden, None, *args, top_k=5, temperature=0.7, chunk_size=4, teacher_scores=scores)
+    on = cmask[:, 1:].bool()
+    torch.testing.assert_close(cached.teacher_logprobs, torch.where(on, scores.logprobs, 0.0))
+    torch.testing.assert_close(cached.margins, torch.where(on, scores.margins, 0.0))
+    torch.testing.assert_close(cached.student_entropy, full.student_entropy)
+    (grad,) = torch.autograd.grad(cached.student_logprobs.sum(), hidden, retain_graph=True)
+    (full_grad,) = torch.autograd.grad(full.student_logprobs.sum(), hidden)
+    torch.testing.assert_close(cached.student_logprobs, full.student_logprobs)
+    torch.testing.assert_close(grad, full_grad)
+    with pytest.raises(ValueError, match="TA-OPD features"):
+        signals_from_hidden(hidden, None, *args, top_k=5, feature_k=4, teacher_scores=scores)

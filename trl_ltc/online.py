@@ -2,7 +2,9 @@
 
 `generate_online` samples completions in blocks of `check_tokens` new tokens. After each block the teacher
 scores the new tokens (its KV cache is kept between blocks, so each token is scored once), giving the teacher
-margin on the student's top-K at every new position (formula 4); the completions so far are segmented
+margin on the student's top-K at every new position (formula 4) and the teacher's log-prob of the sampled token;
+both are returned with the rollout (`OnlineRollout.teacher_logprobs`, `.margins`), so the training step can use
+them instead of scoring the kept tokens again (`trl_ltc.signals.TeacherScores`). The completions so far are segmented
 (`segment_completions`), their segment scores computed (formula 5), and `trl_ltc.release.online_release`
 decides on those scores which trajectories stop. A stopped trajectory keeps segments `0..tau-1`; what it generated
 after them is dropped. The rows still running go on to the next block; the others leave both models' caches.
@@ -31,9 +33,9 @@ from trl.extras.profiling import profiling_context
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
-from .release import bic_change_point, online_release, segment_scores, support_margin
+from .release import LOG_PROB_FLOOR, bic_change_point, online_release, segment_scores, support_margin
 from .segmentation import segment_completions
-from .signals import _LOGITS_PER_CHUNK, OutputHead
+from .signals import _LOGITS_PER_CHUNK, OutputHead, _check_finite
 
 __all__ = [
     "CachedForward",
@@ -64,6 +66,13 @@ class OnlineRollout(NamedTuple):
     """`[B]` float: the BIC gain of the change point that stopped the row (0 when not stopped)."""
     teacher_time: float
     """Seconds spent scoring blocks with the teacher (forward pass and margins)."""
+    teacher_logprobs: torch.Tensor | None = None
+    """`[B, T]` float: `log pT(y_t)` of each completion token at the training temperature, floored at
+    `log(1e-12)` as in `trl_ltc.signals`; aligned to `completion_ids` (`T` = the longest generated row), 0 past each
+    completion."""
+    margins: torch.Tensor | None = None
+    """`[B, T]` float: the teacher margin on the student's top-K (formula 4) at each completion token, aligned and
+    padded like `teacher_logprobs`."""
 
 
 def _backbone(model):
@@ -211,7 +220,8 @@ def generate_online(
         blocks: a block generator (`TransformersBlocks` or `VLLMBlocks`): `blocks(ids, mask, n)`
             returns the next (up to) `n` tokens `[A, n']` of every row, padded after EOS, and the student's
             top-K ids `[A, n', K]` at those positions; `blocks.keep(rows)` drops the other rows.
-        teacher: the teacher causal LM (scores each new token once, through its KV cache).
+        teacher: the teacher causal LM (scores each new token once, through its KV cache: the margin and the
+            log-prob of the sampled token, returned in `OnlineRollout.margins` and `.teacher_logprobs`).
         tokenizer: for the segmentation.
         input_ids, attention_mask: `[B, P]` left-padded prompts.
         max_new_tokens: the completion length limit.
@@ -229,6 +239,7 @@ def generate_online(
     eos = torch.tensor(sorted(set(eos_token_ids)), device=device)
     tokens = input_ids.new_full((batch, max_new_tokens), pad_token_id)
     margins = torch.zeros(batch, max_new_tokens, device=device)
+    teacher_logprobs = torch.zeros(batch, max_new_tokens, device=device)
     lengths = torch.zeros(batch, dtype=torch.long, device=device)  # tokens up to and including EOS
     kept = torch.full((batch,), -1, dtype=torch.long, device=device)  # kept prefix length of stopped rows
     stop_segment = torch.zeros(batch, dtype=torch.long, device=device)
@@ -250,16 +261,23 @@ def generate_online(
 
         start = time.perf_counter()
         hidden = teacher_forward(ids, mask, width)
-        support = support.to(hidden.device)[valid.to(hidden.device)]
-        block = torch.zeros(valid.shape, device=hidden.device)
-        block[valid.to(hidden.device)] = _project(
-            hidden[valid.to(hidden.device)], teacher_head, temperature, chunk_size,
-            lambda logits, at: support_margin(torch.log_softmax(logits, -1), support[at : at + logits.shape[0]]),
-        )  # fmt: skip
+        on = valid.to(hidden.device)
+        support, targets = support.to(hidden.device)[on], new.to(hidden.device)[on]
+
+        def score(logits, at):  # margin and log pT(y_t) of one chunk of positions: `[n, 2]`
+            logprobs, part = torch.log_softmax(logits, -1), slice(at, at + logits.shape[0])
+            sampled = logprobs.gather(-1, targets[part, None]).squeeze(-1)
+            return torch.stack([support_margin(logprobs, support[part]), sampled], -1)
+
+        block = torch.zeros(*valid.shape, 2, device=hidden.device)
+        block[on] = _project(hidden[on], teacher_head, temperature, chunk_size, score)
+        _check_finite(block[..., 1][on], "teacher", allow_neg_inf=True)
+        block[..., 1].clamp_(min=LOG_PROB_FLOOR).masked_fill_(~on, 0.0)
         teacher_time += time.perf_counter() - start
 
         tokens[rows, done : done + width] = new
-        margins[rows, done : done + width] = block.to(device)
+        margins[rows, done : done + width] = block[..., 0].to(device)
+        teacher_logprobs[rows, done : done + width] = block[..., 1].to(device)
         lengths[rows] += valid.sum(1)
         done += width
 
@@ -286,8 +304,10 @@ def generate_online(
             rows, ids, mask = rows[running], ids[running], mask[running]
 
     stopped = kept >= 0
-    final = torch.where(stopped, kept, lengths).tolist()
-    lengths = lengths.tolist()
+    final = torch.where(stopped, kept, lengths)
+    beyond = torch.arange(done, device=device) >= final[:, None]  # the dropped suffix of stopped rows, padding
+    scores = [x[:, :done].masked_fill(beyond, 0.0).cpu() for x in (teacher_logprobs, margins)]
+    final, lengths = final.tolist(), lengths.tolist()
     tokens = tokens.cpu()
     return OnlineRollout(
         completion_ids=[tokens[b, : final[b]].tolist() for b in range(batch)],
@@ -297,6 +317,8 @@ def generate_online(
         release_segment=release_segment.cpu(),
         bic_gain=bic_gain.cpu(),
         teacher_time=teacher_time,
+        teacher_logprobs=scores[0],
+        margins=scores[1],
     )
 
 
@@ -390,7 +412,9 @@ def log_rollout(trainer, generated: torch.Tensor, stopped: torch.Tensor | None =
     generated when it stopped (or ended) and `L = max_completion_length` -- a stopped trajectory is counted as if
     it would have run to the length limit, so this is an upper bound on the true saving.
     `rollout/teacher_scoring_time`: seconds the teacher spent scoring blocks during generation (mean over
-    processes). The last three only with online truncation (`stopped` given).
+    processes); with `loss_type="parent"`, whose loss runs the teacher forward again, the trainer adds the time of
+    that forward (`TeachabilityGKDTrainer.compute_loss`). The last three only with online truncation (`stopped`
+    given).
     """
     online = stopped is not None
     stopped = torch.zeros_like(generated, dtype=torch.bool) if stopped is None else stopped.bool()

@@ -50,6 +50,19 @@ class TokenSignals(NamedTuple):
         return self.teacher_logprobs - self.student_logprobs.detach()
 
 
+class TeacherScores(NamedTuple):
+    """The teacher's per-token signals of a batch, computed before the loss (while generating, `trl_ltc.online`).
+
+    Each `[B, T]`, aligned to the targets like `TokenSignals`; given to `signals_from_hidden` in place of the
+    teacher's hidden states, so that the loss runs no teacher forward.
+    """
+
+    logprobs: torch.Tensor
+    """`log pT(y_t)` at the training temperature, over the token ids both heads have, floored at `log(1e-12)`."""
+    margins: torch.Tensor | None = None
+    """The teacher margin on the student's top-K (formula 4)."""
+
+
 class OutputHead(NamedTuple):
     """An output projection and the logit post-processing its model applies."""
 
@@ -125,6 +138,7 @@ class _ChunkedSignals(ChunkedLogProbFunction):
     """`log pS(y)` with TRL's chunked backward, plus the no-grad teacher signals computed in the same pass.
 
     Inputs 0-7 are those of `ChunkedLogProbFunction` (same saved tensors and context), so its backward applies as is.
+    With `teacher=None` (and no `top_k`, `feature_k`) only the student is projected; the teacher log-probs are 0.
     """
 
     @staticmethod
@@ -133,7 +147,7 @@ class _ChunkedSignals(ChunkedLogProbFunction):
         compute_dtype = (
             torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
         )
-        teacher_head, teacher_hidden = teacher
+        teacher_head, teacher_hidden = teacher if teacher is not None else (None, None)
         n_tokens, vocab = hidden.shape[0], weight.shape[0]
         log_z, target_logits, entropy, teacher_logprobs = hidden.new_zeros(4, n_tokens, dtype=torch.float32)
         margins = hidden.new_zeros(n_tokens, dtype=torch.float32) if top_k else None
@@ -147,6 +161,8 @@ class _ChunkedSignals(ChunkedLogProbFunction):
             student_logprobs = z - log_z[rows, None]
             # 0 * -inf (a masked-out vocabulary entry) is NaN: such entries contribute 0 to the entropy.
             entropy[rows] = -(student_logprobs.exp() * student_logprobs).nan_to_num_(0.0).sum(-1)
+            if teacher is None:  # the teacher's scores were computed before (`TeacherScores`)
+                continue
             t_logprobs = torch.log_softmax(teacher_head.logits(teacher_hidden[rows], temperature, compute_dtype), -1)
             teacher_logprobs[rows] = t_logprobs.gather(-1, targets[rows, None]).squeeze(-1)
             if top_k:
@@ -222,6 +238,7 @@ def signals_from_hidden(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     feature_k: int | None = None,
+    teacher_scores: TeacherScores | None = None,
 ) -> TokenSignals:
     """Per-token signals from hidden states already aligned to their targets.
 
@@ -236,7 +253,14 @@ def signals_from_hidden(
         temperature: logits are divided by it before every softmax.
         chunk_size: positions projected at a time (default: about 64M logits per chunk).
         feature_k: K of the TA-OPD token features, or `None` to skip them.
+        teacher_scores: the teacher's signals computed before (`TeacherScores`, e.g. while generating online): they
+            are used as they are, `teacher_hidden` is not read (it may be `None`) and only the student is projected;
+            `teacher_head` still gives the shared token ids. Not with `feature_k` (the features need the teacher's
+            distribution).
     """
+    cached = teacher_scores is not None
+    if cached and feature_k is not None:
+        raise ValueError("The TA-OPD features need the teacher's distribution; cached teacher scores do not have it.")
     rows = student_head.weight.shape[0], teacher_head.weight.shape[0]
     student_head, teacher_head = shared_heads(student_head, teacher_head)
     vocab = student_head.weight.shape[0]
@@ -259,8 +283,8 @@ def signals_from_hidden(
         targets[valid].to(student_head.weight.device),
         temperature,
         student_head,
-        (teacher_head, teacher_hidden[valid].to(teacher_head.weight.device)),
-        top_k,
+        None if cached else (teacher_head, teacher_hidden[valid].to(teacher_head.weight.device)),
+        None if cached else top_k,
         feature_k,
         chunk_size,
     )
@@ -270,7 +294,12 @@ def signals_from_hidden(
         return values.new_zeros(mask.shape).masked_scatter(valid.to(values.device), values)
 
     student_logprobs, teacher_logprobs, entropy, *rest = (scatter(x) for x in outputs)
-    margins = rest.pop(0) if top_k else None
+    margins = rest.pop(0) if top_k and not cached else None
+    if cached:
+        on = valid.to(teacher_logprobs.device)
+        teacher_logprobs, margins = (
+            None if x is None else torch.where(on, x.to(teacher_logprobs), 0.0) for x in teacher_scores
+        )
     features = TeachabilityFeatures(*rest) if feature_k else None
     return TokenSignals(student_logprobs, teacher_logprobs, margins, entropy, features)
 

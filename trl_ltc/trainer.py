@@ -11,6 +11,7 @@ import contextlib
 import functools
 import math
 import textwrap
+import time
 import warnings
 
 import torch
@@ -45,6 +46,7 @@ from .signals import (
     NON_FINITE_LOSS_CAUSE,
     OutputHead,
     SignalsError,
+    TeacherScores,
     signals_from_hidden,
     weighted_divergence,
 )
@@ -97,7 +99,11 @@ class TeachabilityGKDTrainer(DistillationTrainer):
 
     With `rollout_truncation="online"` the student generates in blocks of `online_check_tokens` tokens, the teacher
     scores each block, and a trajectory stops as soon as the online release rule (formula 9) releases it: the batch
-    holds only its kept prefix, weighted 1 (`trl_ltc.online`). Supported with transformers generation on one process
+    holds only its kept prefix, weighted 1 (`trl_ltc.online`). The teacher scores each token once: the log-probs of the
+    sampled tokens and the margins it computed while generating travel with the batch (`online_teacher_logprobs`,
+    `online_margins`, padded like `completion_ids`) and the advantage loss uses them, so the training step runs no
+    teacher forward for online rollouts; `loss_type="parent"` needs the teacher's full distribution and runs it (its
+    time is added to `rollout/teacher_scoring_time`). Supported with transformers generation on one process
     or DDP, and with vLLM in `vllm_mode="colocate"` with `vllm_tensor_parallel_size=1`; not with tools,
     vision-language models, FSDP or DeepSpeed ZeRO-3 (the blocks of each process would have to be synchronised).
     """
@@ -171,6 +177,8 @@ class TeachabilityGKDTrainer(DistillationTrainer):
         if spec.online:
             check_online_support(self)
         self._online_rollout: OnlineRollout | None = None
+        self._skip_teacher_forward = False  # set by `_compute_loss` while the loss uses an online rollout's scores
+        self._loss_teacher_time = 0.0  # seconds of teacher forward in the loss of the current micro-batch (online)
         # `release_generator`: per-process draws; `permutation_generator`: the same on every process; `null_generator`:
         # the shuffles of `release/accepted_frac_null` (see `trl_ltc.resume.release_generators`)
         generators = release_generators(spec.seed, self.accelerator.process_index)
@@ -225,6 +233,8 @@ class TeachabilityGKDTrainer(DistillationTrainer):
                 "The student model produced non-finite logits (NaN or inf) while sampling completions "
                 f"{self._at_step()}. {NON_FINITE_ADVICE['student']}"
             ) from error
+        except SignalsError as error:  # the teacher's block scoring of an online rollout
+            raise SignalsError(f"{error} Raised while generating {self._at_step()}.") from error
 
     def _at_step(self) -> str:
         step = self.state.global_step
@@ -260,6 +270,14 @@ class TeachabilityGKDTrainer(DistillationTrainer):
             log_rollout(self, generated, rollout.stopped, rollout.teacher_time)
             output["online_stopped"] = rollout.stopped.to(self.accelerator.device)
             output["online_bic_gain"] = rollout.bic_gain.to(self.accelerator.device)
+            # The teacher's scores of the kept tokens, padded like `completion_ids`: the loss uses them instead of a
+            # teacher forward (`_teacher_scores`). A rollout without them leaves the loss to the teacher's forward.
+            width = output["completion_ids"].shape[1]
+            scores = {"online_teacher_logprobs": rollout.teacher_logprobs, "online_margins": rollout.margins}
+            for name, values in scores.items():
+                if rollout.teacher_logprobs is not None and rollout.margins is not None:
+                    values = torch.nn.functional.pad(values[:, :width], (0, max(width - values.shape[1], 0)))
+                    output[name] = values.to(self.accelerator.device)
         if self.spec.needs_global_permutation:
             output["random_release_fraction"] = self._random_release_fractions(output)
         return output
@@ -294,18 +312,54 @@ class TeachabilityGKDTrainer(DistillationTrainer):
     # The parent's `_compute_loss` prepares both models' hidden states, output heads and logit post-processing and
     # hands them to its loss; `_supervised_loss` takes that call over for one batch (`trl_ltc.hooks`), so none of the
     # preparation (multimodal inputs, tool masks, device placement, FSDP/DeepSpeed routing) is duplicated here.
+    #
+    # With online rollouts the teacher already scored every kept token while generating: `_teacher_scores` takes those
+    # scores from the batch and the teacher's forward in the parent's `_compute_loss` is skipped
+    # (`_get_last_hidden_state`). Where they cannot be used (`loss_type="parent"` needs the teacher's distribution),
+    # the teacher forward runs and its time is added to `rollout/teacher_scoring_time`.
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch, fractions_only: bool = False):
-        loss = functools.partial(self._supervised_loss, inputs, fractions_only=fractions_only)
-        with divergence_loss_replaced(loss):
-            return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
+        scores = None if fractions_only else self._teacher_scores(inputs)
+        loss = functools.partial(self._supervised_loss, inputs, fractions_only=fractions_only, teacher_scores=scores)
+        self._skip_teacher_forward = scores is not None
+        try:
+            with divergence_loss_replaced(loss):
+                return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
+        finally:
+            self._skip_teacher_forward = False
+
+    def _teacher_scores(self, inputs) -> TeacherScores | None:
+        """The teacher's scores of this micro-batch from its online rollout, when the loss can use them instead of a
+        teacher forward: the advantage loss, on a batch that carries them."""
+        if self.spec.parent_loss or "online_teacher_logprobs" not in inputs:
+            return None
+        return TeacherScores(inputs["online_teacher_logprobs"], inputs["online_margins"])
+
+    def _get_last_hidden_state(self, unwrapped_model, input_ids, attention_mask, logits_to_keep, **kwargs):
+        if unwrapped_model is not self.accelerator.unwrap_model(self.teacher_model):
+            return super()._get_last_hidden_state(unwrapped_model, input_ids, attention_mask, logits_to_keep, **kwargs)
+        if self._skip_teacher_forward:  # no teacher forward: `_supervised_loss` reads the cached scores instead
+            return input_ids.new_zeros(input_ids.shape[0], logits_to_keep, 0, dtype=torch.float32)
+        start = time.perf_counter()
+        hidden = super()._get_last_hidden_state(unwrapped_model, input_ids, attention_mask, logits_to_keep, **kwargs)
+        if self.spec.online:  # counted with the generation-time scoring of the same tokens (`compute_loss`)
+            self._loss_teacher_time += time.perf_counter() - start
+        return hidden
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._loss_teacher_time = 0.0
         output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # Summed across processes here, after the wrapped forward returned (no collective inside it).
         stats, self._pending_stats = self._pending_stats, None
         metrics = self._metrics["train" if self.model.training else "eval"]
+        if self.spec.online:  # the teacher forward of the loss, when it ran: mean over processes, as the rest
+            one = torch.ones((), device=self.accelerator.device)
+            stats["rollout/loss_teacher_time"] = (one * self._loss_teacher_time, one)
         for name, value in gather_stats(stats, self.accelerator.gather).items():
-            metrics[name].append(value)
+            if name == "rollout/loss_teacher_time":
+                if times := metrics.get("rollout/teacher_scoring_time"):  # the entry of this micro-batch's rollout
+                    times[-1] += value
+            else:
+                metrics[name].append(value)
         return output
 
     def _supervised_loss(
@@ -326,11 +380,13 @@ class TeachabilityGKDTrainer(DistillationTrainer):
         teacher_final_logit_softcapping=None,
         temperature=1.0,
         fractions_only=False,
+        teacher_scores=None,
     ):
         """The loss of one micro-batch; called with the arguments of the parent's loss (`trl_ltc.hooks`).
 
         With `fractions_only` (the scoring pass of `_random_release_fractions`, under `torch.no_grad()`) it returns the
-        release rule's `kept_fractions` instead: `(fractions, eligible, None)`.
+        release rule's `kept_fractions` instead: `(fractions, eligible, None)`. With `teacher_scores` (an online
+        rollout's, `_teacher_scores`) the teacher's hidden states are a placeholder and its signals are those scores.
         """
         spec, loss_mask = self.spec, completion_mask
         student = OutputHead(
@@ -344,7 +400,7 @@ class TeachabilityGKDTrainer(DistillationTrainer):
                 signals = signals_from_hidden(
                     student_hidden_states, teacher_hidden_states, inputs["completion_ids"], loss_mask, student,
                     teacher, top_k=spec.release_top_k, temperature=temperature,
-                    chunk_size=self.args.signal_chunk_size, feature_k=spec.feature_k,
+                    chunk_size=self.args.signal_chunk_size, feature_k=spec.feature_k, teacher_scores=teacher_scores,
                 )  # fmt: skip
             except SignalsError as error:
                 raise SignalsError(f"{error} Raised {self._at_step()}.") from error
