@@ -11,6 +11,7 @@ from helpers import make_model, make_tokenizer, padded_copy
 from trl_ltc import TeachabilityGKDConfig, TeachabilityGKDTrainer
 from trl_ltc.config import SUPERVISIONS
 from trl_ltc.segmentation import segment_completions
+from trl_ltc.release import NULL_SEED_OFFSET
 from trl_ltc.signals import SignalsError, token_signals
 from trl_ltc.supervision import kept_fractions, supervision_weights
 from trl_ltc.trainer import global_permutation
@@ -416,7 +417,7 @@ def test_null_metric_does_not_disturb_the_release_draws(tmp_path, tokenizer, mon
     with_null, without = runs["with"], runs["without"]
     for attribute in ("release_generator", "permutation_generator"):
         assert torch.equal(getattr(with_null, attribute).get_state(), getattr(without, attribute).get_state())
-    fresh = torch.Generator().manual_seed(3 + trainer_module.NULL_SEED_OFFSET)
+    fresh = torch.Generator().manual_seed(3 + NULL_SEED_OFFSET)
     assert not torch.equal(with_null.null_generator.get_state(), fresh.get_state())  # it was drawn from
     assert torch.equal(without.null_generator.get_state(), fresh.get_state())
     logs = [next(log for log in t.state.log_history if "loss" in log) for t in (with_null, without)]

@@ -37,6 +37,24 @@ MISSING_TEACHER = (
 )
 
 
+def checked_args(model, teacher_model, args):
+    """The trainer's `args`: a default `TeachabilityGKDConfig` named after the model when `None`; a clear error for
+    another config class or a missing teacher."""
+    from .config import TeachabilityGKDConfig
+
+    if teacher_model is None:
+        raise ValueError(MISSING_TEACHER)
+    if args is None:
+        name = model if isinstance(model, str) else model.config._name_or_path
+        return TeachabilityGKDConfig(f"{str(name).rstrip('/').split('/')[-1]}-TeachabilityGKD")
+    if not isinstance(args, TeachabilityGKDConfig):
+        raise TypeError(
+            f"`args` must be a `TeachabilityGKDConfig`, got {type(args).__name__}. Build one with the same "
+            "fields: `TeachabilityGKDConfig(output_dir=..., ...)`."
+        )
+    return args
+
+
 def check_datasets(train_dataset, eval_dataset) -> None:
     """Empty datasets and datasets without a usable `prompt` column fail here, before any model is loaded."""
     named = [("train_dataset", train_dataset)]

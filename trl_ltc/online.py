@@ -44,7 +44,9 @@ __all__ = [
     "VLLMBlocks",
     "check_online_support",
     "generate_online",
+    "add_loss_teacher_time",
     "log_rollout",
+    "rollout_batch_fields",
     "trainer_rollout",
 ]
 
@@ -400,6 +402,30 @@ def trainer_rollout(trainer, prompt_ids: list[list[int]]) -> OnlineRollout:
             chunk_size=args.signal_chunk_size,
             vocab_size=trainer.vocab_size,
         )
+
+
+def rollout_batch_fields(rollout: OnlineRollout, width: int, device) -> dict[str, torch.Tensor]:
+    """The per-trajectory tensors of an online rollout that travel with the batch through the parent's shuffle and
+    split: `online_stopped`, `online_bic_gain`, and the teacher's scores of the kept tokens padded like
+    `completion_ids` to `width` (`online_teacher_logprobs`, `online_margins`), which the loss uses instead of a
+    teacher forward. A rollout without scores leaves the loss to the teacher's forward."""
+    fields = {"online_stopped": rollout.stopped, "online_bic_gain": rollout.bic_gain}
+    if rollout.teacher_logprobs is not None and rollout.margins is not None:
+        scores = {"online_teacher_logprobs": rollout.teacher_logprobs, "online_margins": rollout.margins}
+        for name, values in scores.items():
+            fields[name] = torch.nn.functional.pad(values[:, :width], (0, max(width - values.shape[1], 0)))
+    return {name: value.to(device) for name, value in fields.items()}
+
+
+def add_loss_teacher_time(trainer, seconds: float) -> None:
+    """Add the seconds of the loss's teacher forward (where an online rollout's cached scores could not be used,
+    e.g. `loss_type="parent"`), averaged over processes, to the `rollout/teacher_scoring_time` entry of the
+    rollout this micro-batch came from. A collective: every process calls it once per micro-batch."""
+    local = torch.tensor([seconds], dtype=torch.float64, device=trainer.accelerator.device)
+    value = trainer.accelerator.gather(local).mean().item()
+    metrics = trainer._metrics["train" if trainer.model.training else "eval"]
+    if times := metrics.get("rollout/teacher_scoring_time"):
+        times[-1] += value
 
 
 def log_rollout(trainer, generated: torch.Tensor, stopped: torch.Tensor | None = None, teacher_time: float = 0.0):

@@ -19,8 +19,8 @@ from trl import DistillationTrainer
 from trl.trainer.utils import split_pixel_values_by_grid, split_tensor_dict, unsplit_pixel_values_by_grid
 
 from .checks import (
-    MISSING_TEACHER,
     check_datasets,
+    checked_args,
     check_tokenizer_fits,
     check_vocabularies,
     parent_accepts_padded_heads,
@@ -29,9 +29,15 @@ from .checks import (
 from .config import TeachabilityGKDConfig
 from .diagnostics import ReleaseDiagnosticsCallback, trajectory_records
 from .hooks import divergence_loss_replaced
-from .online import OnlineRollout, check_online_support, log_rollout, trainer_rollout
+from .online import (
+    OnlineRollout,
+    add_loss_teacher_time,
+    check_online_support,
+    log_rollout,
+    rollout_batch_fields,
+    trainer_rollout,
+)
 from .prompts import truncate_prompts
-from .release import NULL_SEED_OFFSET  # noqa: F401  (importable from here, as before)
 from .resume import (  # noqa: F401  (importable from here, as before)
     EpochRepeatSampler,
     global_permutation,
@@ -78,34 +84,19 @@ class TeachabilityGKDTrainer(DistillationTrainer):
         model, teacher_model, args, train_dataset, eval_dataset, processing_class, callbacks, optimizers,
         quantization_config, peft_config, tools: as in `trl.DistillationTrainer`; `args` is a
             `TeachabilityGKDConfig`.
-        teacher_processing_class (*optional*): the teacher's tokenizer, to check token by token that the two
-            tokenizers agree (loaded from the teacher's local directory when not given and available; without it,
-            the processing class is taken as the tokenizer of both). The two models' output heads may be padded to
-            different sizes: the signals are then taken over the first `min(V_student, V_teacher)` token ids
-            (`vocab_size`), which must hold every token of the tokenizer, and a padded student never samples its
-            extra rows.
+        teacher_processing_class (*optional*): the teacher's tokenizer, checked token by token against the
+            student's (`trl_ltc.checks`). Padded output heads: the signals use the first `min(V_student, V_teacher)`
+            ids (`vocab_size`), which must hold the whole tokenizer; a padded student never samples its extra rows.
 
-    Metrics (logged every `logging_steps`, summed over processes; see `trl_ltc.supervision.supervision_stats`):
-    `release/accepted_frac`, `release/accepted_frac_null` (shuffled segment scores, drawn from `null_generator`),
-    `release/kept_token_frac`, `release/release_position`, `release/bic_gain`, `release/num_segments`,
-    `margin/prefix_mean`, `margin/suffix_mean`, `advantage/mean`, `advantage/std`, and `teachability/*` with
-    `supervision="token_teachability"`. Per generation batch (`trl_ltc.online.log_rollout`): `rollout/generated_tokens`
-    and, with `rollout_truncation="online"`, `rollout/truncated_frac`, `rollout/saved_tokens_frac` and
-    `rollout/teacher_scoring_time`.
+    Metrics (every `logging_steps`, summed over processes): `release/*`, `margin/*`, `advantage/*`, `teachability/*`
+    (`trl_ltc.supervision.supervision_stats`) and `rollout/*` (`trl_ltc.online.log_rollout`); see `docs/policies.md`.
 
-    With `supervision="random_release"` the release fractions are permuted across the whole generation batch of an
-    optimizer step (all its micro-batches, all processes): see `_random_release_fractions`. This costs one extra
-    no-grad forward of the student and the teacher over the generation batch per step.
+    With `supervision="random_release"` the release fractions are permuted across the generation batch of an optimizer
+    step, all micro-batches and processes (`_random_release_fractions`: one extra no-grad scoring pass per step).
 
-    With `rollout_truncation="online"` the student generates in blocks of `online_check_tokens` tokens, the teacher
-    scores each block, and a trajectory stops as soon as the online release rule (formula 9) releases it: the batch
-    holds only its kept prefix, weighted 1 (`trl_ltc.online`). The teacher scores each token once: the log-probs of the
-    sampled tokens and the margins it computed while generating travel with the batch (`online_teacher_logprobs`,
-    `online_margins`, padded like `completion_ids`) and the advantage loss uses them, so the training step runs no
-    teacher forward for online rollouts; `loss_type="parent"` needs the teacher's full distribution and runs it (its
-    time is added to `rollout/teacher_scoring_time`). Supported with transformers generation on one process
-    or DDP, and with vLLM in `vllm_mode="colocate"` with `vllm_tensor_parallel_size=1`; not with tools,
-    vision-language models, FSDP or DeepSpeed ZeRO-3 (the blocks of each process would have to be synchronised).
+    With `rollout_truncation="online"` the student generates in blocks and a trajectory stops once the online release
+    rule (formula 9) releases it; the batch holds its kept prefix, weighted 1, and the teacher's generation-time scores
+    of it, which the advantage loss uses instead of a teacher forward (`trl_ltc.online`, `docs/online_release.md`).
     """
 
     _tag_names = ["trl", "distillation", "trl-ltc"]
@@ -137,16 +128,7 @@ class TeachabilityGKDTrainer(DistillationTrainer):
         tools=None,
         teacher_processing_class=None,
     ):
-        if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
-            args = TeachabilityGKDConfig(f"{str(name).rstrip('/').split('/')[-1]}-TeachabilityGKD")
-        elif not isinstance(args, TeachabilityGKDConfig):
-            raise TypeError(
-                f"`args` must be a `TeachabilityGKDConfig`, got {type(args).__name__}. Build one with the same "
-                "fields: `TeachabilityGKDConfig(output_dir=..., ...)`."
-            )
-        if teacher_model is None:
-            raise ValueError(MISSING_TEACHER)
+        args = checked_args(model, teacher_model, args)
         spec = SupervisionSpec.from_config(args)
         # Cheap checks first: a wrong dataset or vocabulary fails in seconds, before two models are loaded.
         check_datasets(train_dataset, eval_dataset)
@@ -184,17 +166,9 @@ class TeachabilityGKDTrainer(DistillationTrainer):
         generators = release_generators(spec.seed, self.accelerator.process_index)
         self.release_generator, self.permutation_generator, self.null_generator = generators
         self._pending_stats = None
-        self._warned_empty = False
-        self._warned_truncation = False
+        self._warned_empty = self._warned_truncation = False  # one warning per run each
         self.last_supervision = None  # the `Supervision` of the latest micro-batch (weights, change point, scores)
-        self.release_diagnostics = None
-        if args.release_diagnostics_steps > 0:
-            self.release_diagnostics = ReleaseDiagnosticsCallback(
-                max_steps_kept=args.release_diagnostics_steps,
-                max_records=args.release_diagnostics_max_records,
-                trackers=self.callback_handler.callbacks,
-            )
-            self.add_callback(self.release_diagnostics)
+        self.release_diagnostics = ReleaseDiagnosticsCallback.attach(self)  # None with release_diagnostics_steps=0
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
         """`Trainer.train`; `resume_from_checkpoint=True` resumes from the last *complete* checkpoint of `output_dir`.
@@ -241,19 +215,15 @@ class TeachabilityGKDTrainer(DistillationTrainer):
         return f"at optimizer step {step + 1} (global_step={step}); no update of this step was applied"
 
     def _save_rng_state(self, output_dir: str) -> None:
-        # Checkpoints carry the `random_release` / random token-score generators and the null metric's, so a resumed
-        # run draws the same.
-        super()._save_rng_state(output_dir)
-        generators = {"release": self.release_generator, "permutation": self.permutation_generator}
-        save_release_generators(output_dir, self.args.process_index, **generators, null=self.null_generator)
+        super()._save_rng_state(output_dir)  # and the policies' generators, so a resumed run draws the same
+        save_release_generators(output_dir, self.args.process_index, release=self.release_generator,
+                                permutation=self.permutation_generator, null=self.null_generator)  # fmt: skip
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         super()._load_rng_state(checkpoint)
         if checkpoint is not None:
-            load_release_generators(
-                checkpoint, self.args.process_index, self.release_generator, self.permutation_generator,
-                self.null_generator,
-            )  # fmt: skip
+            generators = self.release_generator, self.permutation_generator, self.null_generator
+            load_release_generators(checkpoint, self.args.process_index, *generators)
 
     def _generate_online(self, prompt_ids) -> OnlineRollout:
         return trainer_rollout(self, prompt_ids)
@@ -268,16 +238,7 @@ class TeachabilityGKDTrainer(DistillationTrainer):
         else:  # per-trajectory tensors travel with the batch through the parent's shuffle and split
             generated = torch.tensor([len(ids) for ids in rollout.generated_ids])
             log_rollout(self, generated, rollout.stopped, rollout.teacher_time)
-            output["online_stopped"] = rollout.stopped.to(self.accelerator.device)
-            output["online_bic_gain"] = rollout.bic_gain.to(self.accelerator.device)
-            # The teacher's scores of the kept tokens, padded like `completion_ids`: the loss uses them instead of a
-            # teacher forward (`_teacher_scores`). A rollout without them leaves the loss to the teacher's forward.
-            width = output["completion_ids"].shape[1]
-            scores = {"online_teacher_logprobs": rollout.teacher_logprobs, "online_margins": rollout.margins}
-            for name, values in scores.items():
-                if rollout.teacher_logprobs is not None and rollout.margins is not None:
-                    values = torch.nn.functional.pad(values[:, :width], (0, max(width - values.shape[1], 0)))
-                    output[name] = values.to(self.accelerator.device)
+            output |= rollout_batch_fields(rollout, output["completion_ids"].shape[1], self.accelerator.device)
         if self.spec.needs_global_permutation:
             output["random_release_fraction"] = self._random_release_fractions(output)
         return output
@@ -309,16 +270,14 @@ class TeachabilityGKDTrainer(DistillationTrainer):
         generator = self.permutation_generator
         return global_permutation(self.accelerator, fractions, eligible, generator, permute=permute_release_fractions)
 
-    # The parent's `_compute_loss` prepares both models' hidden states, output heads and logit post-processing and
-    # hands them to its loss; `_supervised_loss` takes that call over for one batch (`trl_ltc.hooks`), so none of the
-    # preparation (multimodal inputs, tool masks, device placement, FSDP/DeepSpeed routing) is duplicated here.
-    #
-    # With online rollouts the teacher already scored every kept token while generating: `_teacher_scores` takes those
-    # scores from the batch and the teacher's forward in the parent's `_compute_loss` is skipped
-    # (`_get_last_hidden_state`). Where they cannot be used (`loss_type="parent"` needs the teacher's distribution),
-    # the teacher forward runs and its time is added to `rollout/teacher_scoring_time`.
+    # The parent's `_compute_loss` prepares both models' hidden states, heads and logit post-processing (multimodal
+    # inputs, tool masks, devices, FSDP/DeepSpeed routing) and hands them to its loss, which `_supervised_loss` takes
+    # over for one call (`trl_ltc.hooks`). An online rollout carries the teacher's generation-time scores: the loss
+    # uses them and the teacher forward is skipped (`_get_last_hidden_state`), except with `loss_type="parent"`, which
+    # needs the teacher's distribution (its forward time then counts in `rollout/teacher_scoring_time`).
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch, fractions_only: bool = False):
-        scores = None if fractions_only else self._teacher_scores(inputs)
+        cached = not (fractions_only or self.spec.parent_loss) and "online_teacher_logprobs" in inputs
+        scores = TeacherScores(inputs["online_teacher_logprobs"], inputs["online_margins"]) if cached else None
         loss = functools.partial(self._supervised_loss, inputs, fractions_only=fractions_only, teacher_scores=scores)
         self._skip_teacher_forward = scores is not None
         try:
@@ -326,13 +285,6 @@ class TeachabilityGKDTrainer(DistillationTrainer):
                 return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
         finally:
             self._skip_teacher_forward = False
-
-    def _teacher_scores(self, inputs) -> TeacherScores | None:
-        """The teacher's scores of this micro-batch from its online rollout, when the loss can use them instead of a
-        teacher forward: the advantage loss, on a batch that carries them."""
-        if self.spec.parent_loss or "online_teacher_logprobs" not in inputs:
-            return None
-        return TeacherScores(inputs["online_teacher_logprobs"], inputs["online_margins"])
 
     def _get_last_hidden_state(self, unwrapped_model, input_ids, attention_mask, logits_to_keep, **kwargs):
         if unwrapped_model is not self.accelerator.unwrap_model(self.teacher_model):
@@ -351,15 +303,10 @@ class TeachabilityGKDTrainer(DistillationTrainer):
         # Summed across processes here, after the wrapped forward returned (no collective inside it).
         stats, self._pending_stats = self._pending_stats, None
         metrics = self._metrics["train" if self.model.training else "eval"]
-        if self.spec.online:  # the teacher forward of the loss, when it ran: mean over processes, as the rest
-            one = torch.ones((), device=self.accelerator.device)
-            stats["rollout/loss_teacher_time"] = (one * self._loss_teacher_time, one)
         for name, value in gather_stats(stats, self.accelerator.gather).items():
-            if name == "rollout/loss_teacher_time":
-                if times := metrics.get("rollout/teacher_scoring_time"):  # the entry of this micro-batch's rollout
-                    times[-1] += value
-            else:
-                metrics[name].append(value)
+            metrics[name].append(value)
+        if self.spec.online:  # the loss's teacher forward, when it ran, counts as teacher scoring of the rollout
+            add_loss_teacher_time(self, self._loss_teacher_time)
         return output
 
     def _supervised_loss(
@@ -386,7 +333,7 @@ class TeachabilityGKDTrainer(DistillationTrainer):
 
         With `fractions_only` (the scoring pass of `_random_release_fractions`, under `torch.no_grad()`) it returns the
         release rule's `kept_fractions` instead: `(fractions, eligible, None)`. With `teacher_scores` (an online
-        rollout's, `_teacher_scores`) the teacher's hidden states are a placeholder and its signals are those scores.
+        rollout's, see `_compute_loss`) the teacher's hidden states are a placeholder and its signals are those scores.
         """
         spec, loss_mask = self.spec, completion_mask
         student = OutputHead(

@@ -39,6 +39,21 @@ class ReleaseDiagnosticsCallback(TrainerCallback):
             (those of `report_to="wandb"` / `"tensorboard"`) receive the plots as images.
     """
 
+    @classmethod
+    def attach(cls, trainer) -> ReleaseDiagnosticsCallback | None:
+        """The callback configured by the trainer's `release_diagnostics_steps` / `release_diagnostics_max_records`,
+        added to its callbacks and logging to its trackers; `None` when `release_diagnostics_steps` is 0."""
+        args = trainer.args
+        if args.release_diagnostics_steps <= 0:
+            return None
+        callback = cls(
+            max_steps_kept=args.release_diagnostics_steps,
+            max_records=args.release_diagnostics_max_records,
+            trackers=trainer.callback_handler.callbacks,
+        )
+        trainer.add_callback(callback)
+        return callback
+
     def __init__(
         self,
         max_steps_kept: int = 20,
