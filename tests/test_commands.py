@@ -323,3 +323,29 @@ def test_distill_launch_errors(monkeypatch):
     with pytest.raises(ValueError, match="Expected a value after `--accelerate_config`"):
         distill_command.main(["--accelerate_config"])
 
+
+
+def test_distill_waits_for_every_process_before_ending(monkeypatch):
+    # Only the main process saves: the others reach `trainer.end()` (which destroys the process group) right after
+    # the last collective of `train`. Every process waits in a barrier after the saves and before `end`, which is
+    # also what keeps a gloo process from hanging in its process group's destructor (see `test_multiprocess`).
+    calls = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getattr__(self, attribute):
+            return lambda *args, **kwargs: calls.append(f"{self.name}.{attribute}")
+
+    class FakeTrainer(Recorder):
+        accelerator = Recorder("accelerator")
+
+    training_args = type("Args", (), {"resume_from_checkpoint": None, "output_dir": "out", "push_to_hub": False})
+    monkeypatch.setattr(distill_command, "parse_args", lambda argv: (None, training_args, None, None))
+    monkeypatch.setattr(distill_command, "build_trainer", lambda *args: FakeTrainer("trainer"))
+    assert distill_command.main([]) == 0
+    assert calls == [
+        "trainer.train", "trainer.save_model", "trainer.save_state", "accelerator.print",
+        "accelerator.wait_for_everyone", "trainer.end",
+    ]  # fmt: skip

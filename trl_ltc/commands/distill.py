@@ -139,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
         trainer.accelerator.print(f"Model pushed to https://huggingface.co/{trainer.hub_model_id}.")
+    # Every process waits here (in a barrier, without the GIL) before the process group goes. A process that is not
+    # the main one saves nothing, so it would otherwise destroy its gloo group about a millisecond after the last
+    # collective of `train` (`store_flos`'s all_gather), while a gloo worker thread may still hold that collective's
+    # tensors: `~ProcessGroupGloo` joins that thread with the GIL held, the thread waits for the GIL to free the
+    # tensors, and the process hangs after the main process has saved and exited.
+    trainer.accelerator.wait_for_everyone()
     if hasattr(trainer, "end"):  # transformers >= 5.18: finish the trackers, destroy the process group
         trainer.end()
     return 0
