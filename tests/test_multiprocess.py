@@ -228,11 +228,11 @@ def _free_port() -> int:
 
 def test_two_process_distill_launch_finishes(tmp_path):
     """The real command under `accelerate launch` (the shipped `multi_gpu` config, on CPU) with two processes: both
-    train, the main process saves, and every process exits. Before the barrier at the end of `distill.main`, the
-    process that saves nothing destroyed its gloo group about a millisecond after `train`'s last all_gather and could
-    hang in the group's destructor (joining, with the GIL, a gloo thread that waited for the GIL to free that
-    all_gather's tensors) after the main process had exited. The race depends on timing: a run without the barrier
-    does not always hang."""
+    train, the main process saves, and every process exits. The process that saves nothing could hang at the end:
+    freeing the trainer freed the process group from the DDP reducer, with the GIL held, and the group's destructor
+    joined a gloo worker thread that waited for the GIL to free the tensors of `train`'s last all_gather. The race
+    depends on timing: without the fix a run hangs in about a third of the tries here, so one run does not always
+    catch it (`test_commands.py` checks the order of the releases)."""
     import json
     import signal
 
