@@ -5,6 +5,7 @@ import dataclasses
 import subprocess
 import sys
 import warnings
+import weakref
 from pathlib import Path
 
 import pytest
@@ -323,3 +324,49 @@ def test_distill_launch_errors(monkeypatch):
     with pytest.raises(ValueError, match="Expected a value after `--accelerate_config`"):
         distill_command.main(["--accelerate_config"])
 
+
+
+def test_distill_waits_for_every_process_and_releases_the_process_group_last(monkeypatch):
+    # Only the main process saves: the others reach `trainer.end()` (which destroys the process group) right after
+    # the last collective of `train`; every process waits in a barrier after the saves and before `end`. The process
+    # group's Python object outlives the trainer (whose DDP reducer also holds the group and frees it with the GIL
+    # held), so that the group's destructor, which joins gloo's worker threads, runs without the GIL.
+    import torch.distributed as dist
+
+    calls, alive_when_trainer_freed = [], []
+
+    class Group:
+        pass
+
+    world = {"WORLD": Group()}  # `dist.group.WORLD`, until `trainer.end()` destroys the process group
+    group_ref = weakref.ref(world["WORLD"])
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getattr__(self, attribute):
+            return lambda *args, **kwargs: calls.append(f"{self.name}.{attribute}")
+
+    class FakeTrainer(Recorder):
+        accelerator = Recorder("accelerator")
+
+        def end(self):
+            calls.append("trainer.end")
+            world.clear()
+
+        def __del__(self):
+            alive_when_trainer_freed.append(group_ref() is not None)
+
+    training_args = type("Args", (), {"resume_from_checkpoint": None, "output_dir": "out", "push_to_hub": False})
+    monkeypatch.setattr(distill_command, "parse_args", lambda argv: (None, training_args, None, None))
+    monkeypatch.setattr(distill_command, "build_trainer", lambda *args: FakeTrainer("trainer"))
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "group", type("group", (), {"WORLD": property(lambda self: world.get("WORLD"))})())
+    assert distill_command.main([]) == 0
+    assert calls == [
+        "trainer.train", "trainer.save_model", "trainer.save_state", "accelerator.print",
+        "accelerator.wait_for_everyone", "trainer.end",
+    ]  # fmt: skip
+    assert alive_when_trainer_freed == [True]  # the trainer went first, while `main` still held the group
+    assert group_ref() is None  # and then the group

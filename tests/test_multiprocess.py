@@ -9,6 +9,9 @@ are permuted across the global batch: both processes gather the same four fracti
 single process, and apply it to their own rows. With online release (`rollout_truncation="online"`) the completions
 are generated greedily by the online loop, some are stopped early, and the loss uses the teacher scores computed while
 generating. The test is skipped (not failed) only when the processes cannot start or meet.
+
+`test_two_process_distill_launch_finishes` runs the real `trl-ltc distill --accelerate_config ... --num_processes 2`
+on CPU and checks that every process exits.
 """
 
 import os
@@ -224,3 +227,81 @@ def test_two_processes_match_one_process(tmp_path, supervision, online):
         for batch in per_rank:
             for prompt, fraction in zip(batch["prompt_ids"], batch["fractions"].tolist()):
                 assert by_row[tuple(prompt.tolist())] == fraction
+
+
+# --- `trl-ltc distill --accelerate_config ... --num_processes 2`, end to end --------------------------------------
+
+DISTILL_TIMEOUT_S = 150  # about 30 s on two busy CPU cores; a hang at the end of the run ran into this
+COULD_NOT_MEET = ("DistNetworkError", "RendezvousError", "EADDRINUSE", "address already in use")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_process_distill_launch_finishes(tmp_path):
+    """The real command under `accelerate launch` (the shipped `multi_gpu` config, on CPU) with two processes: both
+    train, the main process saves, and every process exits. The process that saves nothing could hang at the end:
+    freeing the trainer freed the process group from the DDP reducer, with the GIL held, and the group's destructor
+    joined a gloo worker thread that waited for the GIL to free the tensors of `train`'s last all_gather. The race
+    depends on timing: without the fix a run hangs in about a third of the tries here, so one run does not always
+    catch it (`test_commands.py` checks the order of the releases)."""
+    import json
+    import signal
+
+    import yaml
+
+    from trl_ltc.commands.distill import resolve_accelerate_config
+
+    tokenizer = make_tokenizer()
+    for name, seed in (("student", 1), ("teacher", 2)):
+        make_model(len(tokenizer), seed=seed).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("".join(json.dumps({"question": prompt}) + "\n" for prompt in PROMPTS))
+    config = yaml.safe_load(Path(resolve_accelerate_config("multi_gpu")).read_text())
+    config["main_process_port"] = _free_port()  # the shipped config's default port may be taken
+    accelerate_config = tmp_path / "multi_gpu.yaml"
+    accelerate_config.write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "trl_ltc.cli", "distill", "--accelerate_config", str(accelerate_config)]
+    command += ["--num_processes", "2", "--model_name_or_path", str(tmp_path / "student")]
+    command += ["--teacher_model_name_or_path", str(tmp_path / "teacher"), "--dataset_name", str(questions)]
+    command += ["--dataset_prompt_column", "question", "--output_dir", str(out), "--max_steps", "1"]
+    command += ["--per_device_train_batch_size", "2", "--max_completion_length", "8", "--use_cpu", "--bf16", "false"]
+    command += ["--report_to", "none", "--gradient_checkpointing", "false", "--save_strategy", "no"]
+    command += ["--segmentation", "fixed", "--segment_window", "3", "--learning_rate", "0.05"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    # A session of its own: on a timeout the launcher and both processes are killed, not left behind.
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        log, _ = process.communicate(timeout=DISTILL_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        log, _ = process.communicate()
+        saved = (out / "trainer_state.json").exists()
+        raise AssertionError(
+            f"the two-process distill did not finish within {DISTILL_TIMEOUT_S} s "
+            f"({'after' if saved else 'before'} the main process saved):\n{log[-3000:]}"
+        ) from None
+    if process.returncode != 0 and any(sign in log for sign in COULD_NOT_MEET):
+        pytest.skip(f"torch.distributed could not start two CPU processes here:\n{log[-3000:]}")
+    assert process.returncode == 0, log[-3000:]
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 1
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    # Both processes trained: the global batch is 2 processes x 2 prompts, one epoch of the 4 prompts.
+    assert state["log_history"][0]["epoch"] == 1

@@ -9,6 +9,7 @@ With `--accelerate_config NAME_OR_PATH` and/or `--num_processes N`, as `trl dist
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -130,7 +131,29 @@ def main(argv: list[str] | None = None) -> int:
         command = launch_command(launch, argv)
         print("Launching: " + " ".join(command), flush=True)
         return subprocess.run(command, check=False).returncode
-    script_args, training_args, model_args, dataset_args = parse_args(argv)
+    script_args, training_args, model_args, dataset_args = parse_args(argv)  # joins the process group, if any
+    import torch.distributed as dist
+
+    # The process group's Python object: released last, after the trainer (see `train_and_save`).
+    process_group = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+    train_and_save(script_args, training_args, model_args, dataset_args)
+    gc.collect()  # the trainer, its DDP model and the DDP reducer's reference to the process group go now
+    del process_group  # the last reference: the group's destructor runs here, without the GIL
+    return 0
+
+
+def train_and_save(script_args, training_args, model_args, dataset_args) -> None:
+    """Build the trainer, train, save the model (or LoRA adapter) and the trainer state, push if asked, and end
+    (destroy the process group) once every process is done.
+
+    Under gloo, the destructor of a process group joins its worker threads. A worker thread may still hold the
+    tensors of the last collective (`train`'s `store_flos` all_gather) after the main thread has dropped them, and
+    then needs the GIL to free them. Here the DDP reducer holds a reference to the group too, and its destructor keeps
+    the GIL: had it held the last reference, freeing the trainer would join the worker with the GIL held and hang
+    (the process that saves nothing reaches that point about a millisecond after the all_gather). `main` holds the
+    group's Python object until the trainer is gone, so the last reference goes with that object, whose destructor
+    releases the GIL.
+    """
     trainer = build_trainer(script_args, training_args, model_args, dataset_args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
@@ -139,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
         trainer.accelerator.print(f"Model pushed to https://huggingface.co/{trainer.hub_model_id}.")
+    # No process destroys the process group while another one is still saving or pushing.
+    trainer.accelerator.wait_for_everyone()
     if hasattr(trainer, "end"):  # transformers >= 5.18: finish the trackers, destroy the process group
         trainer.end()
-    return 0
