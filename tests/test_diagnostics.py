@@ -5,12 +5,14 @@ import json
 import math
 import sys
 import types
+import warnings
 from html.parser import HTMLParser
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+
 import torch
 from helpers import make_model, make_tokenizer, padded_copy
 
@@ -20,6 +22,7 @@ from trl_ltc.diagnostics import (
     ReleaseDiagnosticsCallback,
     margin_curve,
     null_acceptance,
+    plot_release,
     plot_teachability,
     release_cut,
     release_fraction,
@@ -379,6 +382,18 @@ def _hand_records(texts=False, step=None, teachability_weights=None):
         step=step,
         teachability_weights=teachability_weights,
     )
+
+
+def test_release_plot_takes_online_stopped_trajectories(tmp_path):
+    """A trajectory stopped by online release is accepted but holds only its kept prefix (no released segment): the
+    before/after panel leaves it out instead of averaging an empty suffix."""
+    records = _hand_records()
+    assert records[0]["accepted"] and 0 < records[0]["release_segment"] < records[0]["num_segments"]
+    stopped = dict(records[0], index=3, release_segment=records[0]["num_segments"])  # as an online-stopped row
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "Mean of empty slice" would be a RuntimeWarning
+        _assert_png(plot_release([*records, stopped], tmp_path / "release.png"))
+        _assert_png(plot_release([stopped], tmp_path / "stopped_only.png"), min_bytes=5_000)
 
 
 def test_trajectory_records_by_hand():

@@ -105,9 +105,11 @@ def plot_release(records: Sequence[dict], path) -> Path:
     gain_ax.set_ylabel("trajectories")
     gain_ax.set_title("When is a one-drop summary preferred?", fontsize=10)
 
-    if accepted:
-        pre = [float(np.mean(r["segment_scores"][: r["release_segment"]])) for r in accepted]
-        post = [float(np.mean(r["segment_scores"][r["release_segment"] :])) for r in accepted]
+    # A trajectory stopped by online release holds only its kept prefix: no released segments to compare with.
+    with_suffix = [r for r in accepted if 0 < r["release_segment"] < r["num_segments"]]
+    if with_suffix:
+        pre = [float(np.mean(r["segment_scores"][: r["release_segment"]])) for r in with_suffix]
+        post = [float(np.mean(r["segment_scores"][r["release_segment"] :])) for r in with_suffix]
         drop_ax.scatter(pre, post, s=18, color="tab:purple", alpha=0.7, label="accepted trajectory")
         low, high = min(pre + post), max(pre + post)
         pad = 0.05 * (high - low or 1.0)
