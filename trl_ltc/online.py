@@ -36,6 +36,7 @@ from trl.trainer.utils import pad
 from .release import LOG_PROB_FLOOR, bic_change_point, online_release, segment_scores, support_margin
 from .segmentation import segment_completions
 from .signals import _LOGITS_PER_CHUNK, OutputHead, _check_finite
+from .supervision import gather_stats
 
 __all__ = [
     "CachedForward",
@@ -43,8 +44,8 @@ __all__ = [
     "TransformersBlocks",
     "VLLMBlocks",
     "check_online_support",
+    "gather_step_stats",
     "generate_online",
-    "add_loss_teacher_time",
     "log_rollout",
     "rollout_batch_fields",
     "trainer_rollout",
@@ -417,16 +418,21 @@ def rollout_batch_fields(rollout: OnlineRollout, width: int, device) -> dict[str
     return {name: value.to(device) for name, value in fields.items()}
 
 
-def add_loss_teacher_time(trainer, seconds: float) -> None:
-    """Add the seconds of the loss's teacher forward (where an online rollout's cached scores could not be used,
-    e.g. `loss_type="parent"`), averaged over processes, to the `rollout/teacher_scoring_time` entry of the
-    rollout this micro-batch came from. A collective: every process calls it once per micro-batch."""
-    local = torch.tensor([seconds], dtype=torch.float64, device=trainer.accelerator.device)
-    value = trainer.accelerator.gather(local).mean().item()
+def gather_step_stats(trainer, stats: dict, loss_teacher_seconds: float) -> dict[str, float]:
+    """`gather_stats` of one micro-batch's supervision statistics, in one collective. With online release the seconds
+    of the loss's teacher forward (where an online rollout's cached scores could not be used, e.g.
+    `loss_type="parent"`) travel with them, averaged over processes, and are added to the
+    `rollout/teacher_scoring_time` entry of the rollout this micro-batch came from."""
+    if not trainer.spec.online:
+        return gather_stats(stats, trainer.accelerator.gather)
+    one = torch.ones((), device=trainer.accelerator.device)
+    stats = {**stats, "rollout/loss_teacher_time": (one * loss_teacher_seconds, one)}
+    totals = gather_stats(stats, trainer.accelerator.gather)
+    seconds = totals.pop("rollout/loss_teacher_time")
     metrics = trainer._metrics["train" if trainer.model.training else "eval"]
     if times := metrics.get("rollout/teacher_scoring_time"):
-        times[-1] += value
-
+        times[-1] += seconds
+    return totals
 
 def log_rollout(trainer, generated: torch.Tensor, stopped: torch.Tensor | None = None, teacher_time: float = 0.0):
     """Append the rollout metrics of one generation batch, summed over processes, to the trainer's metrics.

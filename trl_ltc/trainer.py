@@ -31,8 +31,8 @@ from .diagnostics import ReleaseDiagnosticsCallback, trajectory_records
 from .hooks import divergence_loss_replaced
 from .online import (
     OnlineRollout,
-    add_loss_teacher_time,
     check_online_support,
+    gather_step_stats,
     log_rollout,
     rollout_batch_fields,
     trainer_rollout,
@@ -58,7 +58,6 @@ from .signals import (
 )
 from .spec import SupervisionSpec
 from .supervision import (
-    gather_stats,
     kept_fractions,
     permute_release_fractions,
     supervision_stats,
@@ -303,10 +302,8 @@ class TeachabilityGKDTrainer(DistillationTrainer):
         # Summed across processes here, after the wrapped forward returned (no collective inside it).
         stats, self._pending_stats = self._pending_stats, None
         metrics = self._metrics["train" if self.model.training else "eval"]
-        for name, value in gather_stats(stats, self.accelerator.gather).items():
+        for name, value in gather_step_stats(self, stats, self._loss_teacher_time).items():
             metrics[name].append(value)
-        if self.spec.online:  # the loss's teacher forward, when it ran, counts as teacher scoring of the rollout
-            add_loss_teacher_time(self, self._loss_teacher_time)
         return output
 
     def _supervised_loss(
