@@ -118,7 +118,7 @@ def plot_release(records: Sequence[dict], path) -> Path:
         drop_ax.set_ylim(low - pad, high + pad)
         drop_ax.legend(loc="upper left", fontsize=8)
     else:
-        _empty(drop_ax, "no accepted change point")
+        _empty(drop_ax, "no accepted change point with a released suffix")
     drop_ax.set_xlabel("mean segment score before the change")
     drop_ax.set_ylabel("mean segment score after the change")
     drop_ax.set_title("Accepted changes are downward (below the diagonal)", fontsize=10)
