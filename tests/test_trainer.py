@@ -556,7 +556,7 @@ def test_guards(tmp_path, tokenizer):
                                processing_class=tokenizer)  # fmt: skip
     message = str(missing.value)
     assert "needs `teacher_model`; got None" in message and "model object, or a Hub id or local path" in message
-    assert "`teacher_model_init_kwargs`" in message and "served by another process is not supported" in message
+    assert "`teacher_model_init_kwargs`" in message and "`teacher_server_url`" in message
     assert "remote" not in message
     with pytest.raises(ValueError, match="release_top_k"):
         _trainer(tmp_path, tokenizer, release_top_k=V + 1)

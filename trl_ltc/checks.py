@@ -31,9 +31,8 @@ logger = logging.getLogger(__name__)
 MISSING_TEACHER = (
     "TeachabilityGKDTrainer needs `teacher_model`; got None. Pass a model object, or a Hub id or local path that the "
     "trainer loads in this process (with `teacher_model_init_kwargs`, e.g. `{'dtype': 'bfloat16'}` or a "
-    "quantization config, to make it smaller; sharded across GPUs with FSDP2 or DeepSpeed ZeRO-3). A teacher served "
-    "by another process is not supported, under any `supervision`: every policy projects the teacher's last hidden "
-    "states through its output head in the training forward pass."
+    "quantization config, to make it smaller; sharded across GPUs with FSDP2 or DeepSpeed ZeRO-3), or set "
+    "`teacher_server_url` in the config to score with a teacher served by another process (`docs/teacher_server.md`)."
 )
 
 
@@ -42,8 +41,14 @@ def checked_args(model, teacher_model, args):
     another config class or a missing teacher."""
     from .config import TeachabilityGKDConfig
 
-    if teacher_model is None:
+    served = getattr(args, "teacher_server_url", None) is not None
+    if teacher_model is None and not served:
         raise ValueError(MISSING_TEACHER)
+    if teacher_model is not None and served:
+        raise ValueError(
+            f"Both `teacher_model` and `teacher_server_url={args.teacher_server_url!r}` were given: pass "
+            "`teacher_model=None` to use the served teacher, or unset `teacher_server_url` to use the local one."
+        )
     if args is None:
         name = model if isinstance(model, str) else model.config._name_or_path
         return TeachabilityGKDConfig(f"{str(name).rstrip('/').split('/')[-1]}-TeachabilityGKD")

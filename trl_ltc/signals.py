@@ -43,6 +43,7 @@ class TokenSignals(NamedTuple):
     margins: torch.Tensor | None
     student_entropy: torch.Tensor
     features: TeachabilityFeatures | None = None  # TA-OPD features of `[B, T]` tensors, when asked for
+    inexact_margins: torch.Tensor | None = None  # served teacher: margins that are a bound (`TeacherTopLogprobs`)
 
     @property
     def advantages(self) -> torch.Tensor:
@@ -61,6 +62,65 @@ class TeacherScores(NamedTuple):
     """`log pT(y_t)` at the training temperature, over the token ids both heads have, floored at `log(1e-12)`."""
     margins: torch.Tensor | None = None
     """The teacher margin on the student's top-K (formula 4)."""
+
+
+class TeacherTopLogprobs(NamedTuple):
+    """The teacher's scores of a batch from a server (`trl_ltc.teacher_server`): per position the exact `log pT(y_t)`
+    and the teacher's top-n log-probs, each aligned to the targets like `TokenSignals`.
+
+    Given to `signals_from_hidden` as `teacher_scores`: the margins and TA-OPD features are computed with the
+    student's candidates as with a local teacher, on the teacher's log-probs with every token outside the top-n set to
+    the n-th returned log-prob (an upper bound of it); `TokenSignals.inexact_margins` marks the positions where fewer
+    than two of the student's top-K are in the top-n (the margin is then a bound, not exact).
+    """
+
+    logprobs: torch.Tensor
+    """`[B, T]`: `log pT(y_t)` of the sampled token (at temperature 1), floored at `log(1e-12)`."""
+    top_ids: torch.Tensor
+    """`[B, T, n]` long: the teacher's top-n token ids per position, best first; -1 where fewer were returned."""
+    top_logprobs: torch.Tensor
+    """`[B, T, n]`: their log-probs."""
+
+
+class _HiddenTeacher(NamedTuple):
+    """A local teacher's rows of log-probs, projected from its hidden states chunk by chunk."""
+
+    head: OutputHead
+    hidden: torch.Tensor
+    temperature: float
+    top_n = None
+
+    def logprobs(self, rows: slice, vocab: int, compute_dtype: torch.dtype) -> torch.Tensor:
+        return torch.log_softmax(self.head.logits(self.hidden[rows], self.temperature, compute_dtype), -1)
+
+
+class _TopNTeacher(NamedTuple):
+    """A served teacher's rows of log-probs: its top-n and the sampled token exact, every other token bounded by the
+    n-th returned log-prob (`TeacherTopLogprobs`)."""
+
+    targets: torch.Tensor  # [N]
+    sampled: torch.Tensor  # [N], log pT of the targets
+    top_ids: torch.Tensor  # [N, n]
+    top_logprobs: torch.Tensor  # [N, n]
+
+    @property
+    def top_n(self) -> int:
+        return self.top_ids.shape[-1]
+
+    def logprobs(self, rows: slice, vocab: int, compute_dtype: torch.dtype) -> torch.Tensor:
+        ids, values = self.top_ids[rows], self.top_logprobs[rows].float()
+        known = ids >= 0
+        bound = torch.where(known, values, math.inf).amin(-1)
+        bound = torch.where(known.any(-1), bound, LOG_PROB_FLOOR)  # nothing returned: every token at the floor
+        filled = bound[:, None].repeat(1, vocab + 1)  # column `vocab` takes the missing entries, then is cut off
+        filled.scatter_(-1, torch.where(known, ids, vocab), values)
+        filled.scatter_(-1, self.targets[rows, None], self.sampled[rows, None].float())
+        return filled[:, :vocab]
+
+    def inexact(self, rows: slice, candidates: torch.Tensor) -> torch.Tensor:
+        """Positions where fewer than two of the student's `candidates` are in the returned top-n."""
+        found = (candidates[:, :, None] == self.top_ids[rows][:, None, :]).any(-1)
+        return found.sum(-1) < 2
 
 
 class OutputHead(NamedTuple):
@@ -138,7 +198,8 @@ class _ChunkedSignals(ChunkedLogProbFunction):
     """`log pS(y)` with TRL's chunked backward, plus the no-grad teacher signals computed in the same pass.
 
     Inputs 0-7 are those of `ChunkedLogProbFunction` (same saved tensors and context), so its backward applies as is.
-    With `teacher=None` (and no `top_k`, `feature_k`) only the student is projected; the teacher log-probs are 0.
+    `teacher` gives the teacher's log-probs of a chunk of rows (`_HiddenTeacher`, `_TopNTeacher`); with `teacher=None`
+    (and no `top_k`, `feature_k`) only the student is projected and the teacher log-probs are 0.
     """
 
     @staticmethod
@@ -147,10 +208,10 @@ class _ChunkedSignals(ChunkedLogProbFunction):
         compute_dtype = (
             torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
         )
-        teacher_head, teacher_hidden = teacher if teacher is not None else (None, None)
         n_tokens, vocab = hidden.shape[0], weight.shape[0]
         log_z, target_logits, entropy, teacher_logprobs = hidden.new_zeros(4, n_tokens, dtype=torch.float32)
         margins = hidden.new_zeros(n_tokens, dtype=torch.float32) if top_k else None
+        inexact = hidden.new_zeros(n_tokens, dtype=torch.bool) if top_k and teacher.top_n else None
         features = []
         # Autograd is off inside `forward`: nothing below is recorded.
         for start in range(0, n_tokens, chunk_size):
@@ -163,10 +224,13 @@ class _ChunkedSignals(ChunkedLogProbFunction):
             entropy[rows] = -(student_logprobs.exp() * student_logprobs).nan_to_num_(0.0).sum(-1)
             if teacher is None:  # the teacher's scores were computed before (`TeacherScores`)
                 continue
-            t_logprobs = torch.log_softmax(teacher_head.logits(teacher_hidden[rows], temperature, compute_dtype), -1)
+            t_logprobs = teacher.logprobs(rows, vocab, compute_dtype)
             teacher_logprobs[rows] = t_logprobs.gather(-1, targets[rows, None]).squeeze(-1)
             if top_k:
-                margins[rows] = support_margin(t_logprobs, z.topk(top_k, dim=-1).indices)
+                candidates = z.topk(top_k, dim=-1).indices
+                margins[rows] = support_margin(t_logprobs, candidates)
+                if inexact is not None:
+                    inexact[rows] = teacher.inexact(rows, candidates)
             if feature_k:
                 features.append(features_from_logprobs(student_logprobs, t_logprobs, feature_k))
         _check_finite(log_z, "student")
@@ -186,6 +250,7 @@ class _ChunkedSignals(ChunkedLogProbFunction):
             empty = tuple(hidden.new_zeros(3, 0, dtype=torch.float32))
             stacked = tuple(torch.cat(parts) for parts in zip(*features)) if features else empty
         extra = (teacher_logprobs, entropy, *(x for x in (margins,) if x is not None), *stacked)
+        extra += () if inexact is None else (inexact,)
         ctx.mark_non_differentiable(*extra)
         return (target_logits - log_z, *extra)
 
@@ -238,7 +303,7 @@ def signals_from_hidden(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     feature_k: int | None = None,
-    teacher_scores: TeacherScores | None = None,
+    teacher_scores: TeacherScores | TeacherTopLogprobs | None = None,
 ) -> TokenSignals:
     """Per-token signals from hidden states already aligned to their targets.
 
@@ -248,19 +313,20 @@ def signals_from_hidden(
         mask: `[B, T]`, non-zero where a signal is wanted; only those positions are projected.
         student_head, teacher_head: the output heads (`OutputHead.of(model)`). Heads with different numbers of rows
             (one tokenizer, padded to different sizes) are restricted to the ids both have (`shared_heads`); every
-            target must be one of them.
+            target must be one of them. `teacher_head` may be `None` with `teacher_scores` (the student's ids).
         top_k: K of the teacher margin (formula 4), or `None` to skip the margins.
         temperature: logits are divided by it before every softmax.
         chunk_size: positions projected at a time (default: about 64M logits per chunk).
         feature_k: K of the TA-OPD token features, or `None` to skip them.
-        teacher_scores: the teacher's signals computed before (`TeacherScores`, e.g. while generating online): they
-            are used as they are, `teacher_hidden` is not read (it may be `None`) and only the student is projected;
-            `teacher_head` still gives the shared token ids. Not with `feature_k` (the features need the teacher's
-            distribution).
+        teacher_scores: the teacher's scores computed elsewhere; `teacher_hidden` is then not read (it may be `None`)
+            and only the student is projected. `TeacherScores` (e.g. while generating online) are used as they are
+            (not with `feature_k`: the features need the teacher's distribution); `TeacherTopLogprobs` (a served
+            teacher) give the margins and features on the student's candidates of this pass.
     """
-    cached = teacher_scores is not None
+    cached = isinstance(teacher_scores, TeacherScores)
     if cached and feature_k is not None:
         raise ValueError("The TA-OPD features need the teacher's distribution; cached teacher scores do not have it.")
+    teacher_head = student_head if teacher_head is None else teacher_head
     rows = student_head.weight.shape[0], teacher_head.weight.shape[0]
     student_head, teacher_head = shared_heads(student_head, teacher_head)
     vocab = student_head.weight.shape[0]
@@ -276,14 +342,21 @@ def signals_from_hidden(
             f"{vocab} token ids both have. Only ids below {vocab} may be sampled (a tokenizer of at most {vocab} "
             "tokens, padded rows suppressed in generation)."
         )
+    device = student_head.weight.device
+    if cached:
+        teacher = None
+    elif teacher_scores is not None:  # `TeacherTopLogprobs`
+        teacher = _TopNTeacher(targets[valid].to(device), *(x[valid.to(x.device)].to(device) for x in teacher_scores))
+    else:
+        teacher = _HiddenTeacher(teacher_head, teacher_hidden[valid].to(teacher_head.weight.device), temperature)
     outputs = _ChunkedSignals.apply(
-        student_hidden[valid].to(student_head.weight.device),
+        student_hidden[valid].to(device),
         student_head.weight,
         student_head.bias,
-        targets[valid].to(student_head.weight.device),
+        targets[valid].to(device),
         temperature,
         student_head,
-        None if cached else (teacher_head, teacher_hidden[valid].to(teacher_head.weight.device)),
+        teacher,
         None if cached else top_k,
         feature_k,
         chunk_size,
@@ -295,13 +368,14 @@ def signals_from_hidden(
 
     student_logprobs, teacher_logprobs, entropy, *rest = (scatter(x) for x in outputs)
     margins = rest.pop(0) if top_k and not cached else None
+    inexact = rest.pop() if top_k and teacher is not None and teacher.top_n else None
     if cached:
         on = valid.to(teacher_logprobs.device)
         teacher_logprobs, margins = (
             None if x is None else torch.where(on, x.to(teacher_logprobs), 0.0) for x in teacher_scores
         )
     features = TeachabilityFeatures(*rest) if feature_k else None
-    return TokenSignals(student_logprobs, teacher_logprobs, margins, entropy, features)
+    return TokenSignals(student_logprobs, teacher_logprobs, margins, entropy, features, inexact)
 
 
 def weighted_divergence(

@@ -57,6 +57,7 @@ from .signals import (
     weighted_divergence,
 )
 from .spec import SupervisionSpec
+from .teacher_server import TeacherServer, served_batch_fields, served_loss
 from .supervision import (
     kept_fractions,
     permute_release_fractions,
@@ -131,9 +132,9 @@ class TeachabilityGKDTrainer(DistillationTrainer):
         spec = SupervisionSpec.from_config(args)
         # Cheap checks first: a wrong dataset or vocabulary fails in seconds, before two models are loaded.
         check_datasets(train_dataset, eval_dataset)
-        sizes = check_vocabularies(
-            model, teacher_model, processing_class, teacher_processing_class, args.trust_remote_code
-        )
+        served = args.teacher_server_url is not None  # the teacher's vocabulary is checked on the server
+        sizes = check_vocabularies(model, model if served else teacher_model, processing_class,
+                                   None if served else teacher_processing_class, args.trust_remote_code)  # fmt: skip
         spec.check_vocabulary(min(sizes))
         with parent_accepts_padded_heads(teacher_model, *sizes):
             super().__init__(
@@ -157,6 +158,7 @@ class TeachabilityGKDTrainer(DistillationTrainer):
             suppress_padded_rows(self, sizes[0])
         if spec.online:
             check_online_support(self)
+        self.teacher_server = TeacherServer.for_trainer(self) if served else None
         self._online_rollout: OnlineRollout | None = None
         self._skip_teacher_forward = False  # set by `_compute_loss` while the loss uses an online rollout's scores
         self._loss_teacher_time = 0.0  # seconds of teacher forward in the loss of the current micro-batch (online)
@@ -238,6 +240,8 @@ class TeachabilityGKDTrainer(DistillationTrainer):
             generated = torch.tensor([len(ids) for ids in rollout.generated_ids])
             log_rollout(self, generated, rollout.stopped, rollout.teacher_time)
             output |= rollout_batch_fields(rollout, output["completion_ids"].shape[1], self.accelerator.device)
+        if self.teacher_server is not None:  # the whole batch is scored before any update of the step
+            output |= served_batch_fields(self.teacher_server, output, self.vocab_size)
         if self.spec.needs_global_permutation:
             output["random_release_fraction"] = self._random_release_fractions(output)
         return output
@@ -275,6 +279,8 @@ class TeachabilityGKDTrainer(DistillationTrainer):
     # uses them and the teacher forward is skipped (`_get_last_hidden_state`), except with `loss_type="parent"`, which
     # needs the teacher's distribution (its forward time then counts in `rollout/teacher_scoring_time`).
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch, fractions_only: bool = False):
+        if self.teacher_server is not None:
+            return served_loss(self, unwrapped_student, inputs, num_items_in_batch, fractions_only)
         cached = not (fractions_only or self.spec.parent_loss) and "online_teacher_logprobs" in inputs
         scores = TeacherScores(inputs["online_teacher_logprobs"], inputs["online_margins"]) if cached else None
         loss = functools.partial(self._supervised_loss, inputs, fractions_only=fractions_only, teacher_scores=scores)
@@ -286,7 +292,7 @@ class TeachabilityGKDTrainer(DistillationTrainer):
             self._skip_teacher_forward = False
 
     def _get_last_hidden_state(self, unwrapped_model, input_ids, attention_mask, logits_to_keep, **kwargs):
-        if unwrapped_model is not self.accelerator.unwrap_model(self.teacher_model):
+        if self.teacher_model is None or unwrapped_model is not self.accelerator.unwrap_model(self.teacher_model):
             return super()._get_last_hidden_state(unwrapped_model, input_ids, attention_mask, logits_to_keep, **kwargs)
         if self._skip_teacher_forward:  # no teacher forward: `_supervised_loss` reads the cached scores instead
             return input_ids.new_zeros(input_ids.shape[0], logits_to_keep, 0, dtype=torch.float32)
@@ -336,9 +342,9 @@ class TeachabilityGKDTrainer(DistillationTrainer):
         student = OutputHead(
             student_lm_head_weight, student_lm_head_bias, student_logit_scale, student_final_logit_softcapping
         )
-        teacher = OutputHead(
+        teacher = None if teacher_lm_head_weight is None else OutputHead(
             teacher_lm_head_weight, teacher_lm_head_bias, teacher_logit_scale, teacher_final_logit_softcapping
-        )
+        )  # fmt: skip
         with torch.no_grad() if spec.parent_loss else contextlib.nullcontext():
             try:
                 signals = signals_from_hidden(
@@ -394,4 +400,6 @@ class TeachabilityGKDTrainer(DistillationTrainer):
         self._pending_stats = supervision_stats(
             supervision, loss_mask, advantages, signals.margins, signals.features, null_generator=self.null_generator
         )
+        if (inexact := signals.inexact_margins) is not None:  # a served teacher's margins that are only bounds
+            self._pending_stats["teacher_server/inexact_margin_frac"] = (inexact.float().sum(), loss_mask.sum())
         return loss, (signals.student_entropy * loss_mask).sum().detach(), n_valid

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import sys
 import time
@@ -38,6 +40,13 @@ class QuickstartArguments:
         },
     )
     eval_batch_size: int = field(default=16, metadata={"help": "Problems sampled and scored at a time."})
+    teacher_server: bool = field(
+        default=False,
+        metadata={
+            "help": "Serve the teacher's GGUF file with llama.cpp's server (the `server` extra) for the run and train "
+            "against it (`teacher_server_url`, with loss_type='advantage'); the held-out KL still loads the teacher."
+        },
+    )
 
 
 def build_parser(prog: str = "trl-ltc quickstart") -> CommandParser:
@@ -52,7 +61,7 @@ def build_parser(prog: str = "trl-ltc quickstart") -> CommandParser:
         f"the recipe. `--config RECIPE.yaml`: the `trl-ltc distill` recipe to run instead of {recipe_path()} (the "
         "teacher, the student and the prompts are still the quickstart's); its output_dir and max_steps are used, "
         "while --cache_dir, --eval_prompts and --eval_batch_size are flags only.",
-        config_exclude=("cache_dir", "eval_prompts", "eval_batch_size"),  # not `trl-ltc distill` fields
+        config_exclude=("cache_dir", "eval_prompts", "eval_batch_size", "teacher_server"),  # not `trl-ltc distill` fields
         allow_abbrev=False,  # never mistake a pass-through flag for an abbreviation of ours
     )
 
@@ -66,14 +75,34 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"Preparing the teacher and the student in {embedded.cache_root(args.cache_dir)} ...", flush=True)
     teacher_dir, student_dir = embedded.prepare_smollm2_pair(args.cache_dir)
-    distill_argv = _distill_argv(args, teacher_dir, student_dir, recipe) + passthrough
+    with contextlib.ExitStack() as stack:
+        server = None
+        if args.teacher_server:
+            from ..llama_server import local_llama_server
+
+            gguf = embedded.teacher_gguf(args.cache_dir)
+            print(f"Starting llama.cpp's server for {gguf.name} ...", flush=True)
+            server = stack.enter_context(local_llama_server(gguf))
+        return _run(args, teacher_dir, student_dir, recipe, passthrough, server, start)
+
+
+def _run(args, teacher_dir, student_dir, recipe, passthrough, server, start) -> int:
+    distill_argv = _distill_argv(args, teacher_dir, student_dir, recipe, server) + passthrough
     print("Running the equivalent of: trl-ltc distill " + " ".join(distill_argv), flush=True)
 
     from ..distill import build_trainer, recipe_args
 
-    trainer = build_trainer(*recipe_args(_recipe(args, teacher_dir, student_dir, recipe), passthrough))
+    trainer = build_trainer(*recipe_args(_recipe(args, teacher_dir, student_dir, recipe, server), passthrough))
     config = trainer.args
     prompts = heldout_prompts(args.eval_prompts)
+
+    @functools.cache
+    def teacher():  # a served teacher is loaded here for the measurement only
+        if trainer.teacher_model is not None:
+            return trainer.accelerator.unwrap_model(trainer.teacher_model)
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(teacher_dir, dtype="float32").eval()
 
     def evaluate(when: str) -> float | None:
         if not prompts:
@@ -83,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Held-out reverse KL {when} training ({len(prompts)} problems) ...", flush=True)
         return heldout_reverse_kl(
             trainer.accelerator.unwrap_model(trainer.model),
-            trainer.accelerator.unwrap_model(trainer.teacher_model),
+            teacher(),
             trainer.processing_class,
             prompts,
             max_new_tokens=config.max_completion_length,
@@ -111,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             "temperature": config.temperature,
         },
         "train_metrics": mean_train_metrics(trainer.state.log_history),
-        "teacher": teacher_dir,
+        "teacher": teacher_dir if server is None else f"{teacher_dir} (served at {server})",
         "student": student_dir,
         "distill_argv": distill_argv,
         "log_history": trainer.state.log_history,
@@ -122,15 +151,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _recipe(args: QuickstartArguments, teacher_dir: str, student_dir: str, recipe: str | None = None) -> dict:
-    """The quickstart's `trl-ltc distill` recipe: `recipe` (default `configs/quickstart.yaml`) with the embedded pair,
-    the bundled prompts and `--output_dir`/`--max_steps` when given (the pass-through flags go over it and win)."""
+def _recipe(
+    args: QuickstartArguments, teacher_dir: str, student_dir: str, recipe: str | None = None, server: str | None = None
+) -> dict:
+    """The quickstart's `trl-ltc distill` recipe: `recipe` (default `configs/quickstart.yaml`) with the embedded pair
+    (the teacher served at `server`, when given), the bundled prompts and `--output_dir`/`--max_steps` when given (the
+    pass-through flags go over it and win)."""
     fields = yaml.safe_load(Path(recipe or recipe_path()).read_text(encoding="utf-8"))
-    fields |= {
-        "model_name_or_path": student_dir,
-        "teacher_model_name_or_path": teacher_dir,
-        "dataset_name": embedded.quickstart_dataset_path("train"),
-    }
+    fields |= {"model_name_or_path": student_dir, "dataset_name": embedded.quickstart_dataset_path("train")}
+    if server is None:
+        fields["teacher_model_name_or_path"] = teacher_dir
+    else:  # a server returns top-n log-probs, not the distribution the `parent` loss needs
+        fields |= {"teacher_server_url": server, "loss_type": "advantage"}
+        fields.pop("beta", None)
     given = {flag: getattr(args, flag) for flag in ("output_dir", "max_steps")}
     return fields | {flag: value for flag, value in given.items() if value is not None}
 
@@ -143,13 +176,16 @@ def _config_path(argv: list[str]) -> str | None:
 
 
 def _distill_argv(
-    args: QuickstartArguments, teacher_dir: str, student_dir: str, recipe: str | None = None
+    args: QuickstartArguments, teacher_dir: str, student_dir: str, recipe: str | None = None, server: str | None = None
 ) -> list[str]:
     """The `trl-ltc distill` arguments equivalent to `_recipe` (printed, and kept in the metrics file)."""
+    teacher = ["--teacher_model_name_or_path", teacher_dir]
+    if server is not None:
+        teacher = ["--teacher_server_url", server, "--loss_type", "advantage"]
     argv = [
         "--config", recipe or recipe_path(),
         "--model_name_or_path", student_dir,
-        "--teacher_model_name_or_path", teacher_dir,
+        *teacher,
         "--dataset_name", embedded.quickstart_dataset_path("train"),
     ]  # fmt: skip
     for flag in ("output_dir", "max_steps"):
