@@ -185,8 +185,6 @@ def test_config_refuses_what_a_server_cannot_do(tmp_path):
         TeachabilityGKDConfig(**url, teacher_server_top_logprobs=1)
     with pytest.raises(ValueError, match="token_top_k=32.*teacher_server_top_logprobs=20"):
         TeachabilityGKDConfig(**url, supervision="token_teachability", token_top_k=32)
-    with pytest.raises(ValueError, match="rollout_truncation='online'"):
-        TeachabilityGKDConfig(**url, rollout_truncation="online")
     with pytest.raises(ValueError, match="teacher_server_concurrency"):
         TeachabilityGKDConfig(**url, teacher_server_concurrency=0)
 
@@ -229,19 +227,23 @@ def _prompts(n=8):
 
 
 def _config(tmp_path, **overrides):
-    overrides = {"max_steps": 2, **overrides}
-    return TeachabilityGKDConfig(
-        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+    kwargs = dict(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2,
         max_completion_length=12, report_to="none", logging_steps=1, use_cpu=True, bf16=False, learning_rate=1e-3,
-        save_strategy="no", segmentation="fixed", segment_window=3, release_diagnostics_steps=0, **overrides,
+        save_strategy="no", segmentation="fixed", segment_window=3, release_diagnostics_steps=0,
     )  # fmt: skip
+    return TeachabilityGKDConfig(**{**kwargs, **overrides})
 
 
-@pytest.mark.parametrize("policy", ["release", "random_release", "token_teachability", "adv_std_release"])
+@pytest.mark.parametrize("policy", ["release", "random_release", "token_teachability", "adv_std_release", "online"])
 def test_trainer_with_a_served_teacher_matches_the_local_one(fake, tokenizer, teacher, tmp_path, policy):
     """Same seeds, same rollouts: with n = V every served signal is exact, so each step's loss and metrics equal the
-    local teacher's; the served run loads no teacher."""
+    local teacher's; the served run loads no teacher. `online`: the release rule stops generation on the served
+    teacher's block scores, the same stops as the local teacher's KV-cached ones."""
     extra = {"token_top_k": 8} if policy == "token_teachability" else {}
+    if policy == "online":
+        policy, extra = "release", {"rollout_truncation": "online", "online_check_tokens": 4, "online_min_segments": 1,
+                                    "online_patience": 1, "max_completion_length": 16}  # fmt: skip
     losses = {}
     for name in ("local", "served"):
         served = name == "served"
@@ -253,7 +255,9 @@ def test_trainer_with_a_served_teacher_matches_the_local_one(fake, tokenizer, te
         trainer.train()
         logs = [h for h in trainer.state.log_history if "loss" in h]
         losses[name] = [h["loss"] for h in logs]
-        if served:
+        if extra.get("rollout_truncation"):
+            losses[name] += [h["rollout/truncated_frac"] for h in logs]
+        if served and not extra.get("rollout_truncation"):
             assert all(h["teacher_server/inexact_margin_frac"] == 0 for h in logs)
             assert all(h["teacher_server/unscored_frac"] == 0 for h in logs)
     assert losses["served"] == pytest.approx(losses["local"], rel=1e-4, abs=1e-6)
@@ -316,12 +320,26 @@ def _smollm2_batch(tokenizer, student, canonical: bool, n=4, tokens=48):
             completion = tokenizer(text, add_special_tokens=False)["input_ids"][len(prompt) :]
         prompts.append(prompt)
         completions.append(completion[:tokens])
-    width = max(map(len, completions))
-    return {
-        "prompt_ids": torch.tensor([p for p in prompts]) if len({*map(len, prompts)}) == 1 else None,
-        "prompt_mask": torch.ones(n, len(prompts[0]), dtype=torch.long) if len({*map(len, prompts)}) == 1 else None,
-        "completion_ids": torch.tensor([c + [0] * (width - len(c)) for c in completions]),
-        "completion_mask": torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in completions]),
+    # One row per batch: a left-padded batch would shift the positions the local teacher sees.
+    return [{"prompt_ids": torch.tensor([p]), "prompt_mask": torch.ones(1, len(p), dtype=torch.long),
+             "completion_ids": torch.tensor([c]), "completion_mask": torch.ones(1, len(c), dtype=torch.long)}
+            for p, c in zip(prompts, completions)]  # fmt: skip
+
+
+def _compare(url, tokenizer, teacher, student, batches, n):
+    """Served and local signals of each batch, concatenated over the completion tokens: (fields, served, local)."""
+    server = TeacherServer(url, tokenizer, top_logprobs=n)
+    assert server.dialect == "echo"
+    out = []
+    for batch in batches:
+        fields = served_batch_fields(server, batch, len(tokenizer))
+        served = _signals(student, batch, 10, fields=fields)
+        local = _signals(student, batch, 10, teacher=teacher)
+        out.append((fields["served_mask"][0].bool(), served, local))
+    mask = torch.cat([m for m, _, _ in out])
+    cat = lambda i, name: torch.cat([getattr(x[i], name)[0] for x in out])  # noqa: E731
+    return mask, {k: cat(1, k) for k in ("teacher_logprobs", "margins", "inexact_margins")}, {
+        k: cat(2, k) for k in ("teacher_logprobs", "margins")
     }
 
 
@@ -331,32 +349,24 @@ def test_llama_cpp_server_scores_like_the_local_teacher(smollm2):
     token scored, log pT(y) within 0.5 nats (measured max 0.3: Q4_1 kernels vs fp32), most margins exact, and the
     release rule keeps the same prefix in most trajectories."""
     url, tokenizer, teacher, student = smollm2
-    batch = _smollm2_batch(tokenizer, student, canonical=True)
-    assert batch["prompt_ids"] is not None
-    server = TeacherServer(url, tokenizer, top_logprobs=20)
-    assert server.dialect == "echo"
-    fields = served_batch_fields(server, batch, len(tokenizer))
-    on = batch["completion_mask"].bool()
-    assert fields["served_mask"].bool().equal(on)
-    served, local = _signals(student, batch, 10, fields=fields), _signals(student, batch, 10, teacher=teacher)
-    diff = (served.teacher_logprobs - local.teacher_logprobs)[on].abs()
-    assert diff.max() < 0.5 and diff.mean() < 0.1, (diff.max(), diff.mean())
-    assert served.inexact_margins[on].float().mean() < 0.2
-    exact = on & ~served.inexact_margins
-    assert (served.margins - local.margins)[exact].abs().mean() < 0.1
+    batches = _smollm2_batch(tokenizer, student, canonical=True)
+    scored, served, local = _compare(url, tokenizer, teacher, student, batches, 20)
+    assert scored.all()
+    diff = (served["teacher_logprobs"] - local["teacher_logprobs"]).abs()
+    assert diff.median() < 0.1 and diff.mean() < 0.2, (diff.max(), diff.mean())
+    assert served["inexact_margins"].float().mean() < 0.1
+    exact = ~served["inexact_margins"]
+    assert (served["margins"] - local["margins"])[exact].abs().median() < 0.15
 
 
 @needs_llama
 def test_llama_cpp_server_leaves_resplit_tokens_unscored(smollm2):
     """Completions as sampled: tokens the server splits otherwise are unscored; the others match the local teacher."""
     url, tokenizer, teacher, student = smollm2
-    batch = _smollm2_batch(tokenizer, student, canonical=False)
-    fields = served_batch_fields(TeacherServer(url, tokenizer, top_logprobs=5), batch, len(tokenizer))
-    scored = fields["served_mask"].bool()
-    on = batch["completion_mask"].bool()
-    assert (scored <= on).all() and scored.sum() > 0.5 * on.sum()
-    local = _signals(student, batch, 10, teacher=teacher)
-    diff = (fields["served_logprobs"] - local.teacher_logprobs)[scored].abs()
+    batches = _smollm2_batch(tokenizer, student, canonical=False)
+    scored, served, local = _compare(url, tokenizer, teacher, student, batches, 5)
+    assert scored.float().mean() > 0.5
+    diff = (served["teacher_logprobs"] - local["teacher_logprobs"])[scored].abs()
     assert diff.median() < 0.1
 
 
@@ -370,6 +380,9 @@ def test_llama_cpp_server_wrong_model_and_one_training_step(smollm2, tmp_path):
     student = AutoModelForCausalLM.from_pretrained(embedded.prepare_smollm2_pair()[1], dtype=torch.float32)
     config = _config(tmp_path, teacher_server_url=url, max_steps=1, gradient_accumulation_steps=1,
                      max_completion_length=16, segmentation="nltk")  # fmt: skip
+    with pytest.raises(ValueError, match="takes text prompts.*Serve the teacher with vLLM"):
+        TeachabilityGKDTrainer(model=student, args=_config(tmp_path, teacher_server_url=url, rollout_truncation="online"),
+                               train_dataset=_prompts(2), processing_class=tokenizer)  # fmt: skip
     trainer = TeachabilityGKDTrainer(model=student, args=config, train_dataset=_prompts(2), processing_class=tokenizer)
     trainer.train()
     [log] = [h for h in trainer.state.log_history if "loss" in h]

@@ -40,6 +40,7 @@ from .supervision import gather_stats
 
 __all__ = [
     "CachedForward",
+    "TeacherBlocks",
     "OnlineRollout",
     "TransformersBlocks",
     "VLLMBlocks",
@@ -197,6 +198,34 @@ class VLLMBlocks:
         self.student.keep(rows)
 
 
+class TeacherBlocks:
+    """A local teacher's scores of each new block, through its KV cache: `score_block` returns `[A, n, 2]`, the
+    margin on the student's top-K (formula 4) and `log pT(y_t)` at each new position (0 after EOS)."""
+
+    def __init__(self, teacher, temperature: float = 1.0, chunk_size: int | None = None, vocab_size: int | None = None):
+        self.forward, self.head = CachedForward(teacher), OutputHead.of(teacher).truncated(vocab_size)
+        self.temperature, self.chunk_size = temperature, chunk_size
+
+    def score_block(self, ids, mask, new, valid, support) -> torch.Tensor:
+        hidden = self.forward(ids, mask, new.shape[1])
+        on = valid.to(hidden.device)
+        support, targets = support.to(hidden.device)[on], new.to(hidden.device)[on]
+
+        def score(logits, at):  # margin and log pT(y_t) of one chunk of positions: `[n, 2]`
+            logprobs, part = torch.log_softmax(logits, -1), slice(at, at + logits.shape[0])
+            sampled = logprobs.gather(-1, targets[part, None]).squeeze(-1)
+            return torch.stack([support_margin(logprobs, support[part]), sampled], -1)
+
+        block = torch.zeros(*valid.shape, 2, device=hidden.device)
+        block[on] = _project(hidden[on], self.head, self.temperature, self.chunk_size, score)
+        _check_finite(block[..., 1][on], "teacher", allow_neg_inf=True)
+        block[..., 1].clamp_(min=LOG_PROB_FLOOR).masked_fill_(~on, 0.0)
+        return block
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.forward.keep(rows)
+
+
 @torch.no_grad()
 def generate_online(
     blocks,
@@ -224,7 +253,9 @@ def generate_online(
             returns the next (up to) `n` tokens `[A, n']` of every row, padded after EOS, and the student's
             top-K ids `[A, n', K]` at those positions; `blocks.keep(rows)` drops the other rows.
         teacher: the teacher causal LM (scores each new token once, through its KV cache: the margin and the
-            log-prob of the sampled token, returned in `OnlineRollout.margins` and `.teacher_logprobs`).
+            log-prob of the sampled token, returned in `OnlineRollout.margins` and `.teacher_logprobs`), or an object
+            with the methods of `TeacherBlocks` (`score_block`, `keep`), e.g. a served teacher's
+            (`trl_ltc.teacher_server.ServedTeacherBlocks`).
         tokenizer: for the segmentation.
         input_ids, attention_mask: `[B, P]` left-padded prompts.
         max_new_tokens: the completion length limit.
@@ -248,7 +279,7 @@ def generate_online(
     stop_segment = torch.zeros(batch, dtype=torch.long, device=device)
     release_segment = torch.zeros(batch, dtype=torch.long, device=device)
     bic_gain = torch.zeros(batch, device=device)
-    teacher_forward, teacher_head = CachedForward(teacher), OutputHead.of(teacher).truncated(vocab_size)
+    scorer = teacher if hasattr(teacher, "score_block") else TeacherBlocks(teacher, temperature, chunk_size, vocab_size)
     teacher_time = 0.0
     rows, ids, mask, done = torch.arange(batch, device=device), input_ids, attention_mask, 0
 
@@ -263,19 +294,7 @@ def generate_online(
         ids, mask = torch.cat([ids, new], 1), torch.cat([mask, valid.to(mask.dtype)], 1)
 
         start = time.perf_counter()
-        hidden = teacher_forward(ids, mask, width)
-        on = valid.to(hidden.device)
-        support, targets = support.to(hidden.device)[on], new.to(hidden.device)[on]
-
-        def score(logits, at):  # margin and log pT(y_t) of one chunk of positions: `[n, 2]`
-            logprobs, part = torch.log_softmax(logits, -1), slice(at, at + logits.shape[0])
-            sampled = logprobs.gather(-1, targets[part, None]).squeeze(-1)
-            return torch.stack([support_margin(logprobs, support[part]), sampled], -1)
-
-        block = torch.zeros(*valid.shape, 2, device=hidden.device)
-        block[on] = _project(hidden[on], teacher_head, temperature, chunk_size, score)
-        _check_finite(block[..., 1][on], "teacher", allow_neg_inf=True)
-        block[..., 1].clamp_(min=LOG_PROB_FLOOR).masked_fill_(~on, 0.0)
+        block = scorer.score_block(ids, mask, new, valid, support)
         teacher_time += time.perf_counter() - start
 
         tokens[rows, done : done + width] = new
@@ -303,7 +322,7 @@ def generate_online(
         running = (~stop & ~ended).nonzero().squeeze(1)
         if running.numel() < rows.numel():
             blocks.keep(running)
-            teacher_forward.keep(running)
+            scorer.keep(running)
             rows, ids, mask = rows[running], ids[running], mask[running]
 
     stopped = kept >= 0
@@ -362,7 +381,10 @@ def trainer_rollout(trainer, prompt_ids: list[list[int]]) -> OnlineRollout:
     input_ids = pad(prompts, pad_id, "left", trainer.pad_to_multiple_of).to(trainer.accelerator.device)
     attention_mask = pad([torch.ones_like(p) for p in prompts], 0, "left", trainer.pad_to_multiple_of)
     attention_mask = attention_mask.to(trainer.accelerator.device)
-    teacher = trainer.accelerator.unwrap_model(trainer.teacher_model).eval()
+    if getattr(trainer, "teacher_server", None) is not None:  # a served teacher scores the blocks
+        teacher = trainer.teacher_server.blocks(input_ids, attention_mask, trainer.vocab_size)
+    else:
+        teacher = trainer.accelerator.unwrap_model(trainer.teacher_model).eval()
     if trainer.use_vllm and trainer.state.global_step != trainer._last_loaded_step:
         with profiling_context(trainer, "sync_weights"):
             trainer.vllm_generation.sync_weights()

@@ -13,9 +13,9 @@ token, `log pT(y_t)` and the teacher's top-n log-probs (`trl_ltc.signals.Teacher
   trainer's token ids: a string several ids decode to (special tokens, partial UTF-8 characters) is dropped from the
   top-n. Where the server splits the text into other tokens than the trainer's (a completion whose sampled tokens
   are not the tokenizer's own split of its text, e.g. " ten" + "th" for " tenth"), the tokens of the differing span
-  are left unscored: they get no supervision and are counted in `teacher_server/unscored_frac`; after the span the
-  server's scores are conditioned on its own split of the same text (see `docs/teacher_server.md` for the measured
-  difference).
+  and the first token after it are left unscored: they get no supervision and are counted in
+  `teacher_server/unscored_frac`; after that the server's scores condition on its own split of the same text (see
+  `docs/teacher_server.md` for the measured difference).
 
 The server's log-probs are at temperature 1 (`TeachabilityGKDConfig` refuses another training temperature). Every
 request is retried `max_retries` times with exponential backoff; a request that still fails raises
@@ -36,10 +36,18 @@ from typing import NamedTuple
 
 import torch
 
-from .release import LOG_PROB_FLOOR
-from .signals import OutputHead, TeacherTopLogprobs
+from .release import LOG_PROB_FLOOR, support_margin
+from .signals import OutputHead, TeacherScores, TeacherTopLogprobs, _TopNTeacher
 
-__all__ = ["RowScores", "TeacherServer", "TeacherServerError", "check_server_config", "served_batch_fields"]
+__all__ = [
+    "RowScores",
+    "ServedTeacherBlocks",
+    "TeacherServer",
+    "TeacherServerError",
+    "check_server_config",
+    "served_batch_fields",
+    "served_loss",
+]
 
 PROBE = "Teacher server probe: 12 + 30 = 42. Ünïcödé, tabs\tand\nnew lines."
 _ROWS_PER_REQUEST = 8  # token-id prompts per request (dialect "token_ids")
@@ -87,12 +95,6 @@ def check_server_config(args) -> None:
         raise ValueError(f"`teacher_server_max_retries` must be >= 0; got {args.teacher_server_max_retries}.")
     if args.teacher_server_concurrency < 1:
         raise ValueError(f"`teacher_server_concurrency` must be >= 1; got {args.teacher_server_concurrency}.")
-    if args.rollout_truncation == "online":
-        raise ValueError(
-            "`rollout_truncation='online'` scores each block of new tokens with the teacher's KV cache while the "
-            "student generates; with `teacher_server_url` use `rollout_truncation='none'` (the `release` policy "
-            "still drops the released suffix from the loss)."
-        )
 
 
 class TeacherServer:
@@ -133,7 +135,18 @@ class TeacherServer:
         """The server of `trainer.args.teacher_server_url`, checked against the trainer's tokenizer."""
         if trainer._is_vlm:
             raise ValueError("`teacher_server_url` scores text completions: a vision-language student is not supported.")
-        return cls.from_config(trainer.args, trainer._tokenizer)
+        server = cls.from_config(trainer.args, trainer._tokenizer)
+        if trainer.spec.online and server.dialect != "token_ids":
+            raise ValueError(
+                f"`rollout_truncation='online'` decides on the teacher's scores of every new token, and the teacher "
+                f"server at {server.url} takes text prompts (llama.cpp), which leave the tokens it splits otherwise "
+                "unscored. Serve the teacher with vLLM (token-id prompts), or set `rollout_truncation='none'`."
+            )
+        return server
+
+    def blocks(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, vocab_size: int) -> ServedTeacherBlocks:
+        """The block scorer of an online rollout of these (left-padded) prompts."""
+        return ServedTeacherBlocks(self, prompt_ids, prompt_mask, vocab_size)
 
     # --- transport ---------------------------------------------------------------------------------------------
     def _request(self, path: str, body: dict | None = None) -> dict:
@@ -283,7 +296,10 @@ class TeacherServer:
         completion = len(ids) - prompt_length
         logprobs, top, scored = [0.0] * completion, [[] for _ in range(completion)], [False] * completion
         for ours, theirs, size in matcher.get_matching_blocks():
-            for position, (_, value, top_strings) in zip(positions[ours : ours + size], entries[theirs : theirs + size]):
+            # The first token after a differing span was drawn from a context that ends in other tokens: not scored.
+            skip = 0 if ours == theirs == 0 else 1
+            pairs = zip(positions[ours + skip : ours + size], entries[theirs + skip : theirs + size])
+            for position, (_, value, top_strings) in pairs:
                 if position < prompt_length:
                     continue
                 if value is None or top_strings is None:
@@ -357,32 +373,70 @@ def _top(pairs, n: int) -> list[tuple[int, float]]:
     return sorted(((int(i), _floored(v)) for i, v in pairs), key=lambda p: -p[1])[:n]
 
 
-def served_batch_fields(server: TeacherServer, batch: dict, vocab_size: int) -> dict[str, torch.Tensor]:
-    """The served teacher's scores of a generation batch, as fields that travel with it through the parent's shuffle
-    and split: `served_logprobs` `[B, T]`, `served_top_ids` and `served_top_logprobs` `[B, T, n]` (-1 and the floor
-    where fewer were returned), and `served_mask` `[B, T]` (1 on the completion tokens the server scored)."""
-    prompt_ids, prompt_mask = batch["prompt_ids"].cpu(), batch["prompt_mask"].cpu().bool()
-    completion_ids, completion_mask = batch["completion_ids"].cpu(), batch["completion_mask"].cpu().bool()
-    prompts = [row[mask].tolist() for row, mask in zip(prompt_ids, prompt_mask)]
-    lengths = completion_mask.sum(1).tolist()
-    completions = [row[:length].tolist() for row, length in zip(completion_ids, lengths)]
-    rows = server.score(prompts, completions)
-    batch_size, width, n = *completion_ids.shape, server.top_logprobs
-    logprobs, served = torch.zeros(batch_size, width), torch.zeros(batch_size, width)
+def _row_tensors(rows: list[RowScores], width: int, n: int, vocab_size: int):
+    """`[B, width]` log-probs and scored mask, `[B, width, n]` top ids (-1 where fewer) and log-probs (the floor)."""
+    batch_size = len(rows)
+    logprobs, scored = torch.zeros(batch_size, width), torch.zeros(batch_size, width)
     top_ids = torch.full((batch_size, width, n), -1, dtype=torch.long)
     top_logprobs = torch.full((batch_size, width, n), LOG_PROB_FLOOR)
     for b, row in enumerate(rows):
         logprobs[b, : len(row.logprobs)] = torch.tensor(row.logprobs)
-        served[b, : len(row.scored)] = torch.tensor(row.scored, dtype=torch.float32)
+        scored[b, : len(row.scored)] = torch.tensor(row.scored, dtype=torch.float32)
         for t, pairs in enumerate(row.top):
             pairs = [(i, v) for i, v in pairs if i < vocab_size]
             if pairs:
                 ids, values = zip(*pairs)
                 top_ids[b, t, : len(ids)] = torch.tensor(ids)
                 top_logprobs[b, t, : len(ids)] = torch.tensor(values)
-    device = batch["completion_ids"].device
-    fields = {"served_logprobs": logprobs, "served_top_ids": top_ids, "served_top_logprobs": top_logprobs}
-    return {name: value.to(device) for name, value in {**fields, "served_mask": served}.items()}
+    return logprobs, top_ids, top_logprobs, scored
+
+
+def _unpadded(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    return [row[keep].tolist() for row, keep in zip(ids.cpu(), mask.cpu().bool())]
+
+
+def served_batch_fields(server: TeacherServer, batch: dict, vocab_size: int) -> dict[str, torch.Tensor]:
+    """The served teacher's scores of a generation batch, as fields that travel with it through the parent's shuffle
+    and split: `served_logprobs` `[B, T]`, `served_top_ids` and `served_top_logprobs` `[B, T, n]` (-1 and the floor
+    where fewer were returned), and `served_mask` `[B, T]` (1 on the completion tokens the server scored)."""
+    rows = server.score(
+        _unpadded(batch["prompt_ids"], batch["prompt_mask"]),
+        _unpadded(batch["completion_ids"], batch["completion_mask"]),
+    )
+    tensors = _row_tensors(rows, batch["completion_ids"].shape[1], server.top_logprobs, vocab_size)
+    names = ("served_logprobs", "served_top_ids", "served_top_logprobs", "served_mask")
+    return {name: value.to(batch["completion_ids"].device) for name, value in zip(names, tensors)}
+
+
+class ServedTeacherBlocks:
+    """A served teacher's scores of each new block of an online rollout (`trl_ltc.online.generate_online`): the
+    prompt and the completion so far are scored again at every block (a server keeps no per-row cache), and the
+    margins taken as in the loss (`trl_ltc.signals.TeacherTopLogprobs`). Token-id servers only (`TeacherServer.blocks`).
+    """
+
+    def __init__(self, server: TeacherServer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, vocab_size: int):
+        self.server, self.vocab_size = server, vocab_size
+        self.prompts, self.width = _unpadded(prompt_ids, prompt_mask), prompt_ids.shape[1]
+
+    def score_block(self, ids, mask, new, valid, support) -> torch.Tensor:
+        completions = _unpadded(ids[:, self.width :], mask[:, self.width :])
+        rows = self.server.score(self.prompts, completions)
+        logprobs, top_ids, top_logprobs, _ = _row_tensors(
+            rows, max(map(len, completions)), self.server.top_logprobs, self.vocab_size
+        )
+        # The new positions of each row are the last `valid.sum()` tokens of its completion so far.
+        counts = valid.sum(1).cpu()
+        at = torch.cat([torch.arange(len(c) - k, len(c)) for c, k in zip(completions, counts.tolist())])
+        row = torch.repeat_interleave(torch.arange(len(completions)), counts)
+        on = valid.cpu()
+        teacher = _TopNTeacher(new.cpu()[on], logprobs[row, at], top_ids[row, at], top_logprobs[row, at])
+        filled = teacher.logprobs(slice(None), self.vocab_size, torch.float32)
+        block = torch.zeros(*valid.shape, 2)
+        block[on] = torch.stack([support_margin(filled, support.cpu()[on]), logprobs[row, at]], -1)
+        return block.to(new.device)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.prompts = [self.prompts[i] for i in rows.tolist()]
 
 
 def served_loss(trainer, unwrapped_student, inputs, num_items_in_batch, fractions_only=False):
@@ -390,19 +444,23 @@ def served_loss(trainer, unwrapped_student, inputs, num_items_in_batch, fraction
     scores from the batch (`served_batch_fields`); positions the server did not score are not supervised."""
     input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
     attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-    loss_mask = inputs["completion_mask"] * inputs.get("tool_mask", 1) * inputs["served_mask"]
+    online = "online_teacher_logprobs" in inputs  # an online rollout's scores, taken while generating
+    loss_mask = inputs["completion_mask"] * inputs.get("tool_mask", 1) * (1 if online else inputs["served_mask"])
     hidden = trainer._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, input_ids.shape[1] - inputs[
         "prompt_ids"].shape[1])  # fmt: skip
     head = OutputHead.of(unwrapped_student)
     hidden, loss_mask = hidden.to(head.weight.device), loss_mask.to(head.weight.device)
-    scores = TeacherTopLogprobs(inputs["served_logprobs"], inputs["served_top_ids"], inputs["served_top_logprobs"])
+    if online:
+        scores = TeacherScores(inputs["online_teacher_logprobs"], inputs["online_margins"])
+    else:
+        scores = TeacherTopLogprobs(inputs["served_logprobs"], inputs["served_top_ids"], inputs["served_top_logprobs"])
     output = trainer._supervised_loss(
         inputs, hidden, None, head.weight, None, loss_mask, trainer.beta, num_items_in_batch,
         student_lm_head_bias=head.bias, student_logit_scale=head.logit_scale,
         student_final_logit_softcapping=head.softcap, temperature=trainer.temperature, fractions_only=fractions_only,
         teacher_scores=scores,
     )  # fmt: skip
-    if not fractions_only and trainer._pending_stats is not None:
+    if not (fractions_only or online) and trainer._pending_stats is not None:
         completion = inputs["completion_mask"] * inputs.get("tool_mask", 1)
         unscored = completion * (1 - inputs["served_mask"])
         trainer._pending_stats["teacher_server/unscored_frac"] = (unscored.float().sum(), completion.float().sum())

@@ -240,7 +240,7 @@ class TeachabilityGKDTrainer(DistillationTrainer):
             generated = torch.tensor([len(ids) for ids in rollout.generated_ids])
             log_rollout(self, generated, rollout.stopped, rollout.teacher_time)
             output |= rollout_batch_fields(rollout, output["completion_ids"].shape[1], self.accelerator.device)
-        if self.teacher_server is not None:  # the whole batch is scored before any update of the step
+        if self.teacher_server is not None and rollout is None:  # the whole batch, before any update of the step
             output |= served_batch_fields(self.teacher_server, output, self.vocab_size)
         if self.spec.needs_global_permutation:
             output["random_release_fraction"] = self._random_release_fractions(output)
