@@ -8,6 +8,12 @@ them with the local teacher (fp32, de-quantized from the GGUF) and with llama.cp
 difference, on the completions as sampled and on their re-tokenized text), the share of completion tokens the server
 could score (`unscored_frac`), the release decisions of the two (same kept length per trajectory), the
 `inexact_margin_frac` at n = 5, 20, 100, and the scoring time of one batch, served / local. Not a test.
+
+    python benchmarks/teacher_server.py --step_rounds 3
+
+Step time instead: the quickstart recipe (release, loss_type advantage, LoRA r=16, 4 prompts x 96 tokens) trained
+for 2 steps with the local teacher, then with the served one, `--step_rounds` times in alternation; prints the median
+`step_time` of each and the served / local ratio per round (median and range).
 """
 
 from __future__ import annotations
@@ -72,13 +78,52 @@ def kept(batch, sig, loss_mask, tokenizer):
     return kept_fractions(rule.weights, loss_mask, segments)[0]
 
 
+def step_times(url: str, rounds: int) -> None:
+    import yaml
+
+    from trl_ltc.distill import build_trainer, recipe_args
+    from trl_ltc.quickstart import recipe_path
+
+    teacher_dir, student_dir = embedded.prepare_smollm2_pair()
+    recipe = yaml.safe_load(open(recipe_path()))
+    recipe |= {"model_name_or_path": student_dir, "dataset_name": embedded.quickstart_dataset_path("train"),
+               "loss_type": "advantage", "max_steps": 2, "release_diagnostics_steps": 0, "output_dir": "/tmp/step"}
+    recipe.pop("beta", None)
+    ratios, times = [], {"local": [], "served": []}
+    for r in range(rounds):
+        round_times = {}
+        for name in ("local", "served"):
+            teacher = {"teacher_server_url": url} if name == "served" else {"teacher_model_name_or_path": teacher_dir}
+            trainer = build_trainer(*recipe_args(recipe | teacher, []))
+            trainer.train()
+            steps = [h["step_time"] for h in trainer.state.log_history if "step_time" in h]
+            round_times[name] = statistics.median(steps)
+            times[name] += steps
+        ratios.append(round_times["served"] / round_times["local"])
+        print(f"round {r + 1}: local {round_times['local']:.1f} s/step, served {round_times['served']:.1f} s/step, "
+              f"served/local {ratios[-1]:.2f}")  # fmt: skip
+    print(f"step time: local median {statistics.median(times['local']):.1f} s, served median "
+          f"{statistics.median(times['served']):.1f} s; served/local {statistics.median(ratios):.2f} "
+          f"(range {min(ratios):.2f}-{max(ratios):.2f} over {rounds} rounds)")  # fmt: skip
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=96)
     parser.add_argument("--top_k", type=int, default=10)
     parser.add_argument("--url", default=None)
+    parser.add_argument("--step_rounds", type=int, default=0, help="measure step time instead (rounds)")
     args = parser.parse_args()
+    if args.step_rounds:
+        with contextlib.ExitStack() as stack:
+            url = args.url
+            if url is None:
+                from trl_ltc.llama_server import local_llama_server
+
+                url = stack.enter_context(local_llama_server(embedded.teacher_gguf()))
+            step_times(url, args.step_rounds)
+        return
     teacher_dir, student_dir = embedded.prepare_smollm2_pair()
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()

@@ -16,7 +16,7 @@ from helpers import make_model
 from trl_ltc import TeachabilityGKDConfig, TeachabilityGKDTrainer, embedded
 from trl_ltc.llama_server import llama_server_available, local_llama_server
 from trl_ltc.release import LOG_PROB_FLOOR
-from trl_ltc.signals import TeacherTopLogprobs, signals_from_hidden, OutputHead, token_signals
+from trl_ltc.signals import OutputHead, TeacherTopLogprobs, signals_from_hidden, token_signals
 from trl_ltc.teacher_server import TeacherServer, TeacherServerError, served_batch_fields
 
 V = 400
@@ -163,11 +163,11 @@ def test_served_signals_equal_local_where_exact(fake, tokenizer, teacher, n):
 
 def test_top_n_fill_by_hand():
     """Two positions, V=6, n=2: the filled row holds the top-2, the sampled token exact, every other id at the 2nd."""
-    from trl_ltc.signals import _TopNTeacher
+    from trl_ltc.signals import ServedTeacherRows
 
     top_ids = torch.tensor([[4, 1], [2, -1]])
     top_lps = torch.tensor([[-0.5, -1.5], [-0.1, LOG_PROB_FLOOR]])
-    teacher = _TopNTeacher(torch.tensor([3, 2]), torch.tensor([-4.0, -0.1]), top_ids, top_lps)
+    teacher = ServedTeacherRows(torch.tensor([3, 2]), torch.tensor([-4.0, -0.1]), top_ids, top_lps)
     rows = teacher.logprobs(slice(0, 2), 6, torch.float32)
     assert rows[0].tolist() == [-1.5, -1.5, -1.5, -4.0, -0.5, -1.5]
     assert rows[1].tolist() == pytest.approx([-0.1] * 6)  # one returned: it bounds every other token
@@ -337,7 +337,7 @@ def _compare(url, tokenizer, teacher, student, batches, n):
         local = _signals(student, batch, 10, teacher=teacher)
         out.append((fields["served_mask"][0].bool(), served, local))
     mask = torch.cat([m for m, _, _ in out])
-    cat = lambda i, name: torch.cat([getattr(x[i], name)[0] for x in out])  # noqa: E731
+    cat = lambda i, name: torch.cat([getattr(x[i], name)[0] for x in out])
     return mask, {k: cat(1, k) for k in ("teacher_logprobs", "margins", "inexact_margins")}, {
         k: cat(2, k) for k in ("teacher_logprobs", "margins")
     }

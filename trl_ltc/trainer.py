@@ -20,9 +20,9 @@ from trl.trainer.utils import split_pixel_values_by_grid, split_tensor_dict, uns
 
 from .checks import (
     check_datasets,
-    checked_args,
     check_tokenizer_fits,
     check_vocabularies,
+    checked_args,
     parent_accepts_padded_heads,
     suppress_padded_rows,
 )
@@ -38,7 +38,7 @@ from .online import (
     trainer_rollout,
 )
 from .prompts import truncate_prompts
-from .resume import (  # noqa: F401  (importable from here, as before)
+from .resume import (
     EpochRepeatSampler,
     global_permutation,
     last_complete_checkpoint,
@@ -57,13 +57,13 @@ from .signals import (
     weighted_divergence,
 )
 from .spec import SupervisionSpec
-from .teacher_server import TeacherServer, served_batch_fields, served_loss
 from .supervision import (
     kept_fractions,
     permute_release_fractions,
     supervision_stats,
     supervision_weights,
 )
+from .teacher_server import TeacherServer, served_batch_fields, served_loss
 
 
 class TeachabilityGKDTrainer(DistillationTrainer):
