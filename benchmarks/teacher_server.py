@@ -29,9 +29,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl_ltc import embedded
 from trl_ltc.quickstart import heldout_prompts
 from trl_ltc.segmentation import segment_completions
+from trl_ltc.served_teacher import served_batch_fields
 from trl_ltc.signals import OutputHead, TeacherTopLogprobs, last_hidden_state, signals_from_hidden
 from trl_ltc.supervision import kept_fractions, supervision_weights
-from trl_ltc.teacher_server import TeacherServer, served_batch_fields
+from trl_ltc.teacher_server import TeacherServer
 
 
 def rollouts(student, tokenizer, prompts, tokens, seed=0):

@@ -16,8 +16,9 @@ from helpers import make_model
 from trl_ltc import TeachabilityGKDConfig, TeachabilityGKDTrainer, embedded
 from trl_ltc.llama_server import llama_server_available, local_llama_server
 from trl_ltc.release import LOG_PROB_FLOOR
+from trl_ltc.served_teacher import served_batch_fields
 from trl_ltc.signals import OutputHead, TeacherTopLogprobs, signals_from_hidden, token_signals
-from trl_ltc.teacher_server import TeacherServer, TeacherServerError, served_batch_fields
+from trl_ltc.teacher_server import TeacherServer, TeacherServerError
 
 V = 400
 

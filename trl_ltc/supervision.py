@@ -194,6 +194,7 @@ def supervision_stats(
     margins: torch.Tensor | None = None,
     features: TeachabilityFeatures | None = None,
     null_generator: torch.Generator | None = None,
+    inexact_margins: torch.Tensor | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Metric name -> (sum, count) over this batch, so that processes can be summed before dividing.
 
@@ -203,7 +204,8 @@ def supervision_stats(
     of the same change point on each trajectory's segment scores shuffled with that generator (`null_change_point`, the
     only draw from it): what the rule accepts on these scores without their order. `margin/prefix_mean` and
     `margin/suffix_mean` are the mean margins on kept and released tokens; `advantage/mean` and `advantage/std` are
-    over supervised tokens (the std is rebuilt from the sums of `A` and `A^2`).
+    over supervised tokens (the std is rebuilt from the sums of `A` and `A^2`). With a served teacher's
+    `inexact_margins` (`[B, T]` bool), `teacher_server/inexact_margin_frac` is their share of the completion tokens.
     """
     mask = loss_mask > 0
     kept = (supervision.weights > 0) & mask
@@ -218,6 +220,8 @@ def supervision_stats(
         "advantage/mean": (adv.sum(), n_tok),
         "advantage/sq_mean": ((adv * adv).sum(), n_tok),
     }
+    if inexact_margins is not None:
+        stats["teacher_server/inexact_margin_frac"] = (one(inexact_margins & mask), n_tok)
     cp = supervision.change_point
     if cp is not None:
         stats["release/accepted_frac"] = (one(cp.accepted), n_traj)

@@ -38,7 +38,7 @@ from .online import (
     trainer_rollout,
 )
 from .prompts import truncate_prompts
-from .resume import (
+from .resume import (  # noqa: F401  (importable from here, as before)
     EpochRepeatSampler,
     global_permutation,
     last_complete_checkpoint,
@@ -47,6 +47,7 @@ from .resume import (
     save_release_generators,
 )
 from .segmentation import segment_completions
+from .served_teacher import served_batch_fields, served_loss
 from .signals import (
     NON_FINITE_ADVICE,
     NON_FINITE_LOSS_CAUSE,
@@ -63,7 +64,7 @@ from .supervision import (
     supervision_stats,
     supervision_weights,
 )
-from .teacher_server import TeacherServer, served_batch_fields, served_loss
+from .teacher_server import TeacherServer
 
 
 class TeachabilityGKDTrainer(DistillationTrainer):
@@ -93,6 +94,9 @@ class TeachabilityGKDTrainer(DistillationTrainer):
 
     With `supervision="random_release"` the release fractions are permuted across the generation batch of an optimizer
     step, all micro-batches and processes (`_random_release_fractions`: one extra no-grad scoring pass per step).
+
+    With `args.teacher_server_url` the teacher is served by another process and `teacher_model` is None: the batch is
+    scored by the server after generation (`trl_ltc.teacher_server`, `trl_ltc.served_teacher`).
 
     With `rollout_truncation="online"` the student generates in blocks and a trajectory stops once the online release
     rule (formula 9) releases it; the batch holds its kept prefix, weighted 1, and the teacher's generation-time scores
@@ -398,8 +402,7 @@ class TeachabilityGKDTrainer(DistillationTrainer):
             )  # fmt: skip
             self.release_diagnostics.add(records, step=self.state.global_step)
         self._pending_stats = supervision_stats(
-            supervision, loss_mask, advantages, signals.margins, signals.features, null_generator=self.null_generator
+            supervision, loss_mask, advantages, signals.margins, signals.features, null_generator=self.null_generator,
+            inexact_margins=signals.inexact_margins,
         )
-        if (inexact := signals.inexact_margins) is not None:  # a served teacher's margins that are only bounds
-            self._pending_stats["teacher_server/inexact_margin_frac"] = (inexact.float().sum(), loss_mask.sum())
         return loss, (signals.student_entropy * loss_mask).sum().detach(), n_valid
