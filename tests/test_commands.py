@@ -73,6 +73,22 @@ def test_quickstart_config_is_the_recipe_it_runs(tmp_path):
     assert quickstart_command._distill_argv(default, "T", "S")[1] == quickstart_command.recipe_path()
 
 
+def test_quickstart_with_a_served_teacher_recipe():
+    """`--teacher_server`: the recipe names the server instead of the teacher, with the advantage loss (a server has no
+    full distribution for `parent`), and the printed `trl-ltc distill` command says the same."""
+    args, passthrough = quickstart_command.build_parser().parse_command(["--teacher_server"], passthrough=True)
+    assert args.teacher_server and passthrough == []
+    url = "http://127.0.0.1:8000"
+    recipe = quickstart_command._recipe(args, "T", "S", server=url)
+    assert recipe["teacher_server_url"] == url and recipe["loss_type"] == "advantage"
+    assert "teacher_model_name_or_path" not in recipe and "beta" not in recipe
+    argv = quickstart_command._distill_argv(args, "T", "S", server=url)
+    assert "--teacher_model_name_or_path" not in argv
+    assert argv[argv.index("--teacher_server_url") + 1] == url and argv[argv.index("--loss_type") + 1] == "advantage"
+    local = quickstart_command._recipe(args, "T", "S")
+    assert local["teacher_model_name_or_path"] == "T" and "teacher_server_url" not in local
+
+
 def test_compare_config_is_the_comparison(tmp_path, monkeypatch):
     seen = {}
 

@@ -389,3 +389,19 @@ def test_llama_cpp_server_wrong_model_and_one_training_step(smollm2, tmp_path):
     [log] = [h for h in trainer.state.log_history if "loss" in h]
     assert math.isfinite(log["loss"]) and 0 <= log["teacher_server/unscored_frac"] < 1
     assert 0 <= log["teacher_server/inexact_margin_frac"] <= 1
+
+
+def test_a_distill_recipe_with_a_served_teacher_loads_no_teacher(fake, tokenizer, tmp_path):
+    from trl_ltc.distill import build_trainer, recipe_args
+
+    make_model(V, seed=1).save_pretrained(tmp_path / "student")
+    tokenizer.save_pretrained(tmp_path / "student")
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"{i} + 1?"}]}) + "\n" for i in range(4)))
+    recipe = {"model_name_or_path": str(tmp_path / "student"), "dataset_name": str(data), "output_dir": str(tmp_path),
+              "teacher_server_url": fake.url, "use_cpu": True, "bf16": False, "report_to": "none"}  # fmt: skip
+    trainer = build_trainer(*recipe_args(recipe, []))
+    assert trainer.teacher_model is None and trainer.teacher_server.url == fake.url
+    del recipe["teacher_server_url"]
+    with pytest.raises(ValueError, match="--teacher_model_name_or_path.*or serve it and set `--teacher_server_url`"):
+        build_trainer(*recipe_args(recipe, []))
