@@ -85,8 +85,8 @@ def served_loss(trainer, unwrapped_student, inputs, num_items_in_batch, fraction
     attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
     online = "online_teacher_logprobs" in inputs  # an online rollout's scores, taken while generating
     loss_mask = inputs["completion_mask"] * inputs.get("tool_mask", 1) * (1 if online else inputs["served_mask"])
-    hidden = trainer._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, input_ids.shape[1] - inputs[
-        "prompt_ids"].shape[1])  # fmt: skip
+    logits_to_keep = inputs["completion_ids"].shape[1]
+    hidden = trainer._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, logits_to_keep)
     head = OutputHead.of(unwrapped_student)
     hidden, loss_mask = hidden.to(head.weight.device), loss_mask.to(head.weight.device)
     if online:
