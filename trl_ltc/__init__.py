@@ -15,6 +15,7 @@ _LAZY = {
     "token_signals": "trl_ltc.signals",
     "TokenSignals": "trl_ltc.signals",
     "segment_completions": "trl_ltc.segmentation",
+    "TeacherServerError": "trl_ltc.teacher_server",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -23,6 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .config import TeachabilityGKDConfig
     from .segmentation import segment_completions
     from .signals import TokenSignals, token_signals
+    from .teacher_server import TeacherServerError
     from .trainer import TeachabilityGKDTrainer
 
 
