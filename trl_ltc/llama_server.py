@@ -22,7 +22,7 @@ from pathlib import Path
 
 __all__ = ["LLAMA_SERVER_INSTALL", "llama_server_available", "local_llama_server"]
 
-LLAMA_SERVER_INSTALL = "pip install 'trl-ltc[server]'  (llama-cpp-python[server], built from source: ~5 min on 2 cores)"
+LLAMA_SERVER_INSTALL = "pip install 'trl-ltc[server]' (llama-cpp-python[server], built from source: ~5 min on 2 cores)"
 
 
 def llama_server_available() -> bool:
@@ -63,9 +63,10 @@ def local_llama_server(gguf: str | Path, n_ctx: int = 2048, threads: int | None 
                     with urllib.request.urlopen(f"{url}/v1/models", timeout=5) as response:
                         json.loads(response.read())
                     break
-                except OSError:
+                except OSError as error:
                     if time.monotonic() > deadline:
-                        raise RuntimeError(f"llama.cpp's server did not answer at {url} within {startup_timeout:g} s")
+                        message = f"llama.cpp's server did not answer at {url} within {startup_timeout:g} s"
+                        raise RuntimeError(message) from error
                     time.sleep(0.5)
             yield url
         finally:

@@ -202,7 +202,9 @@ class TeacherBlocks:
     """A local teacher's scores of each new block, through its KV cache: `score_block` returns `[A, n, 2]`, the
     margin on the student's top-K (formula 4) and `log pT(y_t)` at each new position (0 after EOS)."""
 
-    def __init__(self, teacher, temperature: float = 1.0, chunk_size: int | None = None, vocab_size: int | None = None):
+    def __init__(
+        self, teacher, temperature: float = 1.0, chunk_size: int | None = None, vocab_size: int | None = None
+    ):
         self.forward, self.head = CachedForward(teacher), OutputHead.of(teacher).truncated(vocab_size)
         self.temperature, self.chunk_size = temperature, chunk_size
 
@@ -279,7 +281,8 @@ def generate_online(
     stop_segment = torch.zeros(batch, dtype=torch.long, device=device)
     release_segment = torch.zeros(batch, dtype=torch.long, device=device)
     bic_gain = torch.zeros(batch, device=device)
-    scorer = teacher if hasattr(teacher, "score_block") else TeacherBlocks(teacher, temperature, chunk_size, vocab_size)
+    local = not hasattr(teacher, "score_block")  # a model, not a block scorer
+    scorer = TeacherBlocks(teacher, temperature, chunk_size, vocab_size) if local else teacher
     teacher_time = 0.0
     rows, ids, mask, done = torch.arange(batch, device=device), input_ids, attention_mask, 0
 

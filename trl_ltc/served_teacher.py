@@ -50,7 +50,8 @@ def served_batch_fields(server: TeacherServer, batch: dict, vocab_size: int) -> 
 class ServedTeacherBlocks:
     """A served teacher's scores of each new block of an online rollout (`trl_ltc.online.generate_online`): the
     prompt and the completion so far are scored again at every block (a server keeps no per-row cache), and the
-    margins taken as in the loss (`trl_ltc.signals.TeacherTopLogprobs`). Token-id servers only (`TeacherServer.blocks`).
+    margins taken as in the loss (`trl_ltc.signals.TeacherTopLogprobs`). Token-id servers only
+    (`TeacherServer.blocks`).
     """
 
     def __init__(self, server: TeacherServer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, vocab_size: int):
@@ -60,18 +61,16 @@ class ServedTeacherBlocks:
     def score_block(self, ids, mask, new, valid, support) -> torch.Tensor:
         completions = _unpadded(ids[:, self.width :], mask[:, self.width :])
         rows = self.server.score(self.prompts, completions)
-        logprobs, top_ids, top_logprobs, _ = _row_tensors(
-            rows, max(map(len, completions)), self.server.top_logprobs, self.vocab_size
-        )
-        # The new positions of each row are the last `valid.sum()` tokens of its completion so far.
-        counts = valid.sum(1).cpu()
-        at = torch.cat([torch.arange(len(c) - k, len(c)) for c, k in zip(completions, counts.tolist())])
-        row = torch.repeat_interleave(torch.arange(len(completions)), counts)
+        # The new tokens of each row are the last `valid.sum()` of its completion so far: keep only their scores.
+        counts = valid.sum(1).tolist()
+        rows = [RowScores(*(x[len(x) - k :] for x in row)) for row, k in zip(rows, counts, strict=True)]
+        n = self.server.top_logprobs
+        logprobs, top_ids, top_logprobs, _ = _row_tensors(rows, new.shape[1], n, self.vocab_size)
         on = valid.cpu()
-        teacher = ServedTeacherRows(new.cpu()[on], logprobs[row, at], top_ids[row, at], top_logprobs[row, at])
+        teacher = ServedTeacherRows(new.cpu()[on], logprobs[on], top_ids[on], top_logprobs[on])
         filled = teacher.logprobs(slice(None), self.vocab_size, torch.float32)
         block = torch.zeros(*valid.shape, 2)
-        block[on] = torch.stack([support_margin(filled, support.cpu()[on]), logprobs[row, at]], -1)
+        block[on] = torch.stack([support_margin(filled, support.cpu()[on]), logprobs[on]], -1)
         return block.to(new.device)
 
     def keep(self, rows: torch.Tensor) -> None:

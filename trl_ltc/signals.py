@@ -127,8 +127,8 @@ class _ChunkedSignals(ChunkedLogProbFunction):
     """`log pS(y)` with TRL's chunked backward, plus the no-grad teacher signals computed in the same pass.
 
     Inputs 0-7 are those of `ChunkedLogProbFunction` (same saved tensors and context), so its backward applies as is.
-    `teacher` gives the teacher's log-probs of a chunk of rows (`LocalTeacherRows`, `ServedTeacherRows`); with `teacher=None`
-    (and no `top_k`, `feature_k`) only the student is projected and the teacher log-probs are 0.
+    `teacher` gives the teacher's log-probs of a chunk of rows (`LocalTeacherRows`, `ServedTeacherRows`); with
+    `teacher=None` (and no `top_k`, `feature_k`) only the student is projected and the teacher log-probs are 0.
     """
 
     @staticmethod
@@ -275,7 +275,8 @@ def signals_from_hidden(
     if cached:
         teacher = None
     elif teacher_scores is not None:  # `TeacherTopLogprobs`
-        teacher = ServedTeacherRows(targets[valid].to(device), *(x[valid.to(x.device)].to(device) for x in teacher_scores))
+        served = (x[valid.to(x.device)].to(device) for x in teacher_scores)
+        teacher = ServedTeacherRows(targets[valid].to(device), *served)
     else:
         teacher = LocalTeacherRows(teacher_head, teacher_hidden[valid].to(teacher_head.weight.device), temperature)
     outputs = _ChunkedSignals.apply(

@@ -128,7 +128,9 @@ class TeacherServer:
     def for_trainer(cls, trainer) -> TeacherServer:
         """The server of `trainer.args.teacher_server_url`, checked against the trainer's tokenizer."""
         if trainer._is_vlm:
-            raise ValueError("`teacher_server_url` scores text completions: a vision-language student is not supported.")
+            raise ValueError(
+                "`teacher_server_url` scores text completions: a vision-language student is not supported."
+            )
         server = cls.from_config(trainer.args, trainer._tokenizer)
         if trainer.spec.online and server.dialect != "token_ids":
             raise ValueError(
@@ -174,7 +176,8 @@ class TeacherServer:
         try:
             served = [(entry["id"], entry.get("owned_by")) for entry in answer["data"]]
         except (KeyError, TypeError) as error:
-            raise TeacherServerError(f"Teacher server {self.url}/v1/models: malformed answer {answer!r:.200}.") from error
+            malformed = f"Teacher server {self.url}/v1/models: malformed answer {answer!r:.200}."
+            raise TeacherServerError(malformed) from error
         names = [name for name, _ in served]
         if model is None and len(served) != 1:
             raise TeacherServerError(
@@ -203,8 +206,8 @@ class TeacherServer:
         [row] = self.score([prompt], [ids])
         if not all(row.scored):
             raise TeacherServerError(
-                f"The teacher server at {self.url} scored {sum(row.scored)} of the {len(ids)} tokens of a probe completion: "
-                "its answer does not line up with the trainer's token ids."
+                f"The teacher server at {self.url} scored {sum(row.scored)} of the {len(ids)} tokens of a probe "
+                "completion: its answer does not line up with the trainer's token ids."
             )
 
     def _tokenize(self, text: str) -> list[int] | None:
@@ -247,8 +250,9 @@ class TeacherServer:
                 if len(entries) != len(completion):
                     raise ValueError(f"{len(entries)} prompt log-probs for {len(completion)} completion tokens")
                 logprobs = [_floored(entry[str(token)]["logprob"]) for token, entry in zip(completion, entries)]
-                top = [_top(((int(i), e["logprob"]) for i, e in entry.items() if e.get("rank", 1) <= self.top_logprobs),
-                            self.top_logprobs) for entry in entries]  # fmt: skip
+                n = self.top_logprobs
+                top = [_top(((int(i), e["logprob"]) for i, e in entry.items() if e.get("rank", 1) <= n), n)
+                       for entry in entries]  # fmt: skip
                 rows.append(RowScores(logprobs, top, [True] * len(completion)))
         except (KeyError, TypeError, ValueError) as error:
             raise self._malformed(f"{type(error).__name__}: {error}") from error
@@ -261,11 +265,12 @@ class TeacherServer:
         try:
             logprobs = answer["choices"][0]["logprobs"]
             tokens, values, tops = logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"]
-            generated = int(answer.get("usage", {}).get("completion_tokens", 0))
+            usage = answer.get("usage") or {}
+            generated = int(usage.get("completion_tokens", 0))
         except (KeyError, TypeError, IndexError, ValueError) as error:
             raise self._malformed(f"{type(error).__name__}: {error}") from error
-        entries = list(zip(tokens, values, tops))[: len(tokens) - generated]
-        return self._align_echo(ids, len(prompt), entries, answer.get("usage", {}).get("prompt_tokens"))
+        entries = list(zip(tokens, values, tops, strict=True))[: len(tokens) - generated]
+        return self._align_echo(ids, len(prompt), entries, usage.get("prompt_tokens"))
 
     def _align_echo(self, ids: list[int], prompt_length: int, entries: list, server_length: int | None) -> RowScores:
         """Map echoed entries (token string, log-prob, top strings) back to our completion tokens.
@@ -273,8 +278,8 @@ class TeacherServer:
         llama.cpp's server echoes each token with the distribution it was drawn from when the sequence starts with
         the model's BOS (a ChatML prompt starts with it), which it drops from the echo with every later occurrence;
         or when the server adds a BOS of its own (then every token is echoed). Without a BOS its echo is shifted by
-        one token, which is refused. The entries are matched to our tokens by their strings; scoring stops at the
-        first mismatch (the server split the text into other tokens).
+        one token, which is refused. The entries are matched to our tokens by their strings (longest matching runs);
+        where the server split the text into other tokens, those tokens and the first one after them are unscored.
         """
         strings = self._strings
         bos = None if server_length == len(ids) + 1 else ids[0]  # the server added a BOS: every token is echoed
@@ -305,9 +310,6 @@ class TeacherServer:
                 top[t] = _top(((i, v) for i, v in mapped if i is not None), self.top_logprobs)
                 logprobs[t], scored[t] = _floored(value), True
         return RowScores(logprobs, top, scored)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class _Strings(NamedTuple):
@@ -354,7 +356,8 @@ def _probe_prompt(tokenizer) -> list[int]:
     """A chat prompt when the tokenizer has a chat template (it starts as the trainer's prompts do), else one token."""
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": "What is 12 + 30?"}]
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        return list(ids)
     return tokenizer("Probe:", add_special_tokens=False)["input_ids"]
 
 

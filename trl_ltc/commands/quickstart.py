@@ -61,7 +61,8 @@ def build_parser(prog: str = "trl-ltc quickstart") -> CommandParser:
         f"the recipe. `--config RECIPE.yaml`: the `trl-ltc distill` recipe to run instead of {recipe_path()} (the "
         "teacher, the student and the prompts are still the quickstart's); its output_dir and max_steps are used, "
         "while --cache_dir, --eval_prompts and --eval_batch_size are flags only.",
-        config_exclude=("cache_dir", "eval_prompts", "eval_batch_size", "teacher_server"),  # not `trl-ltc distill` fields
+        # not `trl-ltc distill` fields
+        config_exclude=("cache_dir", "eval_prompts", "eval_batch_size", "teacher_server"),
         allow_abbrev=False,  # never mistake a pass-through flag for an abbreviation of ours
     )
 
