@@ -77,6 +77,11 @@ class OnlineRollout(NamedTuple):
     margins: torch.Tensor | None = None
     """`[B, T]` float: the teacher margin on the student's top-K (formula 4) at each completion token, aligned and
     padded like `teacher_logprobs`."""
+    teacher_positions: int | None = None
+    """Completion positions the teacher scored over all blocks (`compute/teacher_tokens`): each generated token once
+    with a KV cache; a scorer with `rescores = True` (a served teacher) scores the completion so far at every block."""
+    teacher_forward_tokens: int | None = None
+    """Tokens the teacher's forward passes processed (prompts included), for `compute/flops`."""
 
 
 def _backbone(model):
@@ -285,6 +290,9 @@ def generate_online(
     scorer = TeacherBlocks(teacher, temperature, chunk_size, vocab_size) if local else teacher
     teacher_time = 0.0
     rows, ids, mask, done = torch.arange(batch, device=device), input_ids, attention_mask, 0
+    prompt_lengths = attention_mask.sum(1).to(device)
+    rescores = getattr(scorer, "rescores", False)  # scores prompt + completion so far at every block, no cache
+    scored, forward_tokens = 0, 0 if rescores else int(prompt_lengths.sum())
 
     while rows.numel() and done < max_new_tokens:
         new, support = blocks(ids, mask, min(check_tokens, max_new_tokens - done))
@@ -305,6 +313,8 @@ def generate_online(
         teacher_logprobs[rows, done : done + width] = block[..., 1].to(device)
         lengths[rows] += valid.sum(1)
         done += width
+        scored += int(lengths[rows].sum()) if rescores else int(valid.sum())
+        forward_tokens += int((prompt_lengths[rows] + lengths[rows]).sum()) if rescores else int(valid.sum())
 
         # The decision of formula 9 on the segments so far: the last one is still open unless the row ended.
         so_far = torch.arange(done, device=device) < lengths[rows, None]
@@ -344,6 +354,8 @@ def generate_online(
         teacher_time=teacher_time,
         teacher_logprobs=scores[0],
         margins=scores[1],
+        teacher_positions=scored,
+        teacher_forward_tokens=forward_tokens,
     )
 
 

@@ -54,6 +54,8 @@ class ServedTeacherBlocks:
     (`TeacherServer.blocks`).
     """
 
+    rescores = True  # no cache: every block scores the prompt and the completion so far (`compute/teacher_tokens`)
+
     def __init__(self, server: TeacherServer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, vocab_size: int):
         self.server, self.vocab_size = server, vocab_size
         self.prompts, self.width = _unpadded(prompt_ids, prompt_mask), prompt_ids.shape[1]

@@ -26,6 +26,7 @@ from .checks import (
     parent_accepts_padded_heads,
     suppress_padded_rows,
 )
+from .compute import ComputeCallback
 from .config import TeachabilityGKDConfig
 from .diagnostics import ReleaseDiagnosticsCallback, trajectory_records
 from .hooks import divergence_loss_replaced
@@ -174,6 +175,7 @@ class TeachabilityGKDTrainer(DistillationTrainer):
         self._warned_empty = self._warned_truncation = False  # one warning per run each
         self.last_supervision = None  # the `Supervision` of the latest micro-batch (weights, change point, scores)
         self.release_diagnostics = ReleaseDiagnosticsCallback.attach(self)  # None with release_diagnostics_steps=0
+        self.compute = ComputeCallback.attach(self)  # `compute/*` counters and the `max_flops` budget
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
         """`Trainer.train`; `resume_from_checkpoint=True` resumes from the last *complete* checkpoint of `output_dir`.
@@ -183,6 +185,7 @@ class TeachabilityGKDTrainer(DistillationTrainer):
         """
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir) or True
+        self.compute.begin(resume_from_checkpoint)  # zero, or the totals of the checkpoint resumed from
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
     def _get_train_sampler(self, dataset=None):
@@ -221,6 +224,7 @@ class TeachabilityGKDTrainer(DistillationTrainer):
 
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)  # and the policies' generators, so a resumed run draws the same
+        self.compute.save(output_dir)
         save_release_generators(output_dir, self.args.process_index, release=self.release_generator,
                                 permutation=self.permutation_generator, null=self.null_generator)  # fmt: skip
 
@@ -246,6 +250,7 @@ class TeachabilityGKDTrainer(DistillationTrainer):
             output |= rollout_batch_fields(rollout, output["completion_ids"].shape[1], self.accelerator.device)
         if self.teacher_server is not None and rollout is None:  # the whole batch, before any update of the step
             output |= served_batch_fields(self.teacher_server, output, self.vocab_size)
+        self.compute.rollout(output, rollout)
         if self.spec.needs_global_permutation:
             output["random_release_fraction"] = self._random_release_fractions(output)
         return output
@@ -297,9 +302,11 @@ class TeachabilityGKDTrainer(DistillationTrainer):
 
     def _get_last_hidden_state(self, unwrapped_model, input_ids, attention_mask, logits_to_keep, **kwargs):
         if self.teacher_model is None or unwrapped_model is not self.accelerator.unwrap_model(self.teacher_model):
+            self.compute.forward(False, attention_mask, logits_to_keep)
             return super()._get_last_hidden_state(unwrapped_model, input_ids, attention_mask, logits_to_keep, **kwargs)
         if self._skip_teacher_forward:  # no teacher forward: `_supervised_loss` reads the cached scores instead
             return input_ids.new_zeros(input_ids.shape[0], logits_to_keep, 0, dtype=torch.float32)
+        self.compute.forward(True, attention_mask, logits_to_keep)
         start = time.perf_counter()
         hidden = super()._get_last_hidden_state(unwrapped_model, input_ids, attention_mask, logits_to_keep, **kwargs)
         if self.spec.online:  # counted with the generation-time scoring of the same tokens (`compute_loss`)
