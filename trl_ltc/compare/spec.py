@@ -16,7 +16,7 @@ from .. import embedded, lab
 from ..config import SUPERVISIONS
 
 CONFIG = "compare_quickstart.yaml"
-PRESETS = ("quickstart", "lab")
+PRESETS = ("quickstart", *lab.LAB_PRESETS)  # lab presets: `lab.LAB_PRESETS` names their pairs
 BACKENDS = ("transformers", "vllm")
 TOP_LEVEL_KEYS = (
     "preset",
@@ -404,12 +404,15 @@ def load_comparison(
     preset = raw.get("preset")
     if preset is not None and preset not in PRESETS:
         _fail("preset", f"unknown preset {preset!r}; available: {', '.join(PRESETS)} (or leave it out).")
+    lab_name = preset  # every lab preset shares the lab's splits and smoke settings; only its pair differs
+    lab_pair, smoke_lab_pair = lab.LAB_PRESETS.get(preset, (None, None))
+    preset = "lab" if lab_pair is not None else preset
     distill: dict = {}
     if raw.get("recipe") is not None:
         distill.update(_load_yaml(_find_recipe(str(raw["recipe"]), path), "Recipe"))
     out = Path(output_dir or raw.get("output_dir") or "runs/compare")
     if smoke and preset == "lab":
-        teacher_dir, student_dir = lab.prepare_lab_pair(pair=lab.SMOKE_PAIR, directory=out / "smoke_models" / "lab")
+        teacher_dir, student_dir = lab.prepare_lab_pair(pair=smoke_lab_pair, directory=out / "smoke_models" / lab_name)
         distill.update(model_name_or_path=student_dir, teacher_model_name_or_path=teacher_dir)
         distill["dataset_name"] = lab.lab_dataset_path("train")
     elif smoke:
@@ -418,7 +421,7 @@ def load_comparison(
         distill["dataset_name"] = embedded.quickstart_dataset_path("train")
     elif preset == "lab":
         print(f"Preparing the lab teacher and student in {embedded.cache_root()} ...", flush=True)
-        teacher_dir, student_dir = lab.prepare_lab_pair()
+        teacher_dir, student_dir = lab.prepare_lab_pair(pair=lab_pair)
         distill.update(model_name_or_path=student_dir, teacher_model_name_or_path=teacher_dir)
         distill["dataset_name"] = lab.lab_dataset_path("train")
     elif preset == "quickstart":
