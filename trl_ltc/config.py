@@ -38,6 +38,8 @@ class TeachabilityGKDConfig(DistillationConfig):
     - `"adv_std_release"`: the same change point on the per-segment standard deviation of the advantage.
     - `"token_teachability"`: TA-OPD (arXiv 2605.26844), the top `token_keep_ratio` positions of the batch by
       `token_score`.
+    - `"iw_opd"`: IW-OPD (arXiv 2606.22600), `w_t = 1 + iw_opd_gamma * (1 - S_<t / S)` with `S_<t` the sum of `|A_s|`
+      before `t` and `S` over the completion; not mass-preserving.
 
     Parameters:
         supervision (`str`, defaults to `"release"`): the supervision policy above.
@@ -64,6 +66,17 @@ class TeachabilityGKDConfig(DistillationConfig):
             oldest dropped first), so `release_records.jsonl` stays bounded: about 30 bytes per completion token,
             e.g. ~8 MB for 256 trajectories of 1,000 tokens.
         token_score, token_keep_ratio, token_top_k, token_min_keep: TA-OPD selection, see the fields' help.
+        release_alpha (`float`, *optional*): calibrate the change point (formula 10 of the design): a drop is accepted
+            only where the paper's rule accepts it and its permutation p-value (`release_permutations` shuffles of the
+            trajectory's segment scores) is at most `release_alpha`, so scores without any order are released at most
+            that often; online release spends it across its looks. `None` (default) is the paper's rule exactly. Used
+            by `release`, `random_release` (its fractions), `adv_std_release` and `rollout_truncation="online"`.
+        release_permutations (`int`, defaults to `199`): shuffles per trajectory of the calibrated test.
+        release_keep_advantage_below (`float`, *optional*): release-type policies keep supervising the released
+            tokens whose advantage `log pT(y) - log pS(y)` is below this many nats (the teacher clearly rejects the
+            sampled token), mass-preserving; e.g. `-2.3` (the teacher gives it a tenth of the student's probability).
+        iw_opd_gamma (`float`, defaults to `0.5`): gamma of `supervision="iw_opd"`.
+        max_flops (`float`, *optional*): stop training once the estimated compute (`compute/flops`) reaches this.
         rollout_truncation (`str`, defaults to `"none"`): `"online"` runs the release rule while the student
             generates and stops each trajectory once its supervision is released (formula 9 of the design): the
             released suffix is neither generated to the end, nor scored, nor trained on. Only with
@@ -190,6 +203,33 @@ class TeachabilityGKDConfig(DistillationConfig):
         metadata={"help": "With rollout_truncation='online': new tokens generated between teacher scoring blocks."},
     )
 
+    release_alpha: float | None = field(
+        default=_DEFAULT.release_alpha,
+        metadata={
+            "help": "Calibrated change point: accept a drop only where its permutation p-value is <= this (e.g. "
+            "0.05). "
+            "None: the paper's BIC rule."
+        },
+    )
+    release_permutations: int = field(
+        default=_DEFAULT.release_permutations,
+        metadata={"help": "Shuffles per trajectory of the calibrated change point (p-values on a 1/(P+1) grid)."},
+    )
+    release_keep_advantage_below: float | None = field(
+        default=_DEFAULT.release_keep_advantage_below,
+        metadata={
+            "help": "Release-type policies keep the released tokens whose advantage is below this many nats "
+            "(e.g. -2.3). None: drop the whole released suffix."
+        },
+    )
+    iw_opd_gamma: float = field(
+        default=_DEFAULT.iw_opd_gamma, metadata={"help": "gamma of supervision='iw_opd' (>= 0)."}
+    )
+    max_flops: float | None = field(
+        default=None,
+        metadata={"help": "Stop training once the estimated compute `compute/flops` reaches this. None: no budget."},
+    )
+
     teacher_server_url: str | None = field(
         default=None,
         metadata={"help": "Base URL of an OpenAI-compatible server serving the teacher (no teacher_model then)."},
@@ -236,6 +276,8 @@ class TeachabilityGKDConfig(DistillationConfig):
             raise ValueError(
                 f"`max_prompt_length` must be >= 1 or None (no truncation); got {self.max_prompt_length}."
             )
+        if self.max_flops is not None and not self.max_flops > 0:
+            raise ValueError(f"`max_flops` must be > 0 (a compute budget) or None; got {self.max_flops}.")
         if self.signal_chunk_size is not None and self.signal_chunk_size < 1:
             raise ValueError(f"`signal_chunk_size` must be >= 1; got {self.signal_chunk_size}.")
         if self.teacher_server_url is not None:

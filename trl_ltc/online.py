@@ -33,7 +33,14 @@ from trl.extras.profiling import profiling_context
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
-from .release import LOG_PROB_FLOOR, bic_change_point, online_release, segment_scores, support_margin
+from .release import (
+    DEFAULT_PERMUTATIONS,
+    LOG_PROB_FLOOR,
+    bic_change_point,
+    online_release,
+    segment_scores,
+    support_margin,
+)
 from .segmentation import segment_completions
 from .signals import _LOGITS_PER_CHUNK, OutputHead, _check_finite
 from .supervision import gather_stats
@@ -252,6 +259,9 @@ def generate_online(
     patience: int = 2,
     chunk_size: int | None = None,
     vocab_size: int | None = None,
+    alpha: float | None = None,
+    num_permutations: int = DEFAULT_PERMUTATIONS,
+    seed: int = 0,
 ) -> OnlineRollout:
     """Sample one completion per prompt and stop each trajectory once the online release rule says so.
 
@@ -271,7 +281,9 @@ def generate_online(
         check_tokens: new tokens per block.
         temperature: teacher log-softmax temperature (the training temperature).
         segmentation, segment_window: as in `TeachabilityGKDConfig`.
-        min_segments, patience: of `trl_ltc.release.online_release`.
+        min_segments, patience, alpha, num_permutations: of `trl_ltc.release.online_release`.
+        seed: with `alpha`, every decision's shuffles come from `torch.Generator().manual_seed(seed)`, so the rule
+            decides on a trajectory as a replay on its recorded scores with the same seed does.
         chunk_size: positions projected to the vocabulary at a time.
         vocab_size: the teacher's distribution is taken over the first `vocab_size` token ids (those both models'
             output heads have, when they are padded to different sizes); default: all its rows.
@@ -321,7 +333,8 @@ def generate_online(
         segment_ids = segment_completions(tokens[rows, :done], so_far, tokenizer, segmentation, segment_window)
         segment_ids = segment_ids.to(device)
         scores, num_segments = segment_scores(margins[rows, :done], segment_ids)
-        decision = online_release(scores, num_segments, min_segments, patience)
+        shuffles = None if alpha is None else torch.Generator().manual_seed(seed)
+        decision = online_release(scores, num_segments, min_segments, patience, alpha, num_permutations, shuffles)
         stop = decision.stop_segment < num_segments
         ended = (first_eos < width) | (done >= max_new_tokens)
         stop_segment[rows] = decision.stop_segment
@@ -392,6 +405,7 @@ def trainer_rollout(trainer, prompt_ids: list[list[int]]) -> OnlineRollout:
     (vLLM weights synced once per step); the blocks are `VLLMBlocks` with vLLM, `TransformersBlocks` otherwise.
     """
     args, spec, pad_id = trainer.args, trainer.spec, trainer._tokenizer.pad_token_id
+    generator = trainer.release_generator  # with `release_alpha`: one seed per rollout for the rule's shuffles
     prompts = [torch.tensor(ids) for ids in prompt_ids]
     input_ids = pad(prompts, pad_id, "left", trainer.pad_to_multiple_of).to(trainer.accelerator.device)
     attention_mask = pad([torch.ones_like(p) for p in prompts], 0, "left", trainer.pad_to_multiple_of)
@@ -439,6 +453,9 @@ def trainer_rollout(trainer, prompt_ids: list[list[int]]) -> OnlineRollout:
             patience=spec.online_patience,
             chunk_size=args.signal_chunk_size,
             vocab_size=trainer.vocab_size,
+            alpha=spec.release_alpha,
+            num_permutations=spec.release_permutations,
+            seed=0 if spec.release_alpha is None else int(torch.randint(2**31 - 1, (1,), generator=generator)),
         )
 
 

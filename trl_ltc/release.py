@@ -9,7 +9,8 @@ One batch goes through four steps::
 
 [`online_release`] (formula 9) replays the online rule that stops a trajectory's generation once its
 supervision is released. [`null_change_point`] is the null model of formula 6: the same rule on each
-trajectory's segment scores in a random order ([`shuffle_segments`]).
+trajectory's segment scores in a random order ([`shuffle_segments`]). [`permutation_change_point`] (formula 10)
+accepts formula 6's drop only where its BIC gain is significant against that null: a stated false-release rate.
 
 Every function is batched and vectorised (no Python loop over trajectories, tokens or candidate change
 points), runs on whatever device its inputs live on, and needs nothing but torch.
@@ -28,10 +29,15 @@ __all__ = [
     "ChangePoint",
     "OnlineRelease",
     "bic_change_point",
+    "DEFAULT_PERMUTATIONS",
     "NULL_SEED_OFFSET",
     "mass_preserving_weights",
     "null_change_point",
+    "look_alpha",
+    "online_looks",
     "online_release",
+    "permutation_change_point",
+    "permutation_p_value",
     "release_weights",
     "segment_scores",
     "shuffle_segments",
@@ -48,6 +54,11 @@ NULL_SEED_OFFSET = 7919
 _BIC_EPS = 1e-12  # the `+ 1e-12` inside the BIC's log (formula 6)
 _TIE_RTOL = 1e-10  # candidate RSS within this fraction of the row's sum of squares count as tied
 _MIN_KEPT_MASS = 1e-8  # denominator floor of the mass-preserving rescale (formula 7)
+
+_FIRST_CALIBRATED_LOOK = 5  # the calibrated online rule's first look (`online_looks`)
+DEFAULT_PERMUTATIONS = 199
+"""Shuffles per trajectory of [`permutation_change_point`]: p-values on a grid of 1/200, so `alpha=0.05` is 10 of
+200, and the Monte-Carlo error of a p-value near 0.05 is about 0.015 (see `benchmarks/calibration.py`)."""
 
 
 def _float_dtype(*tensors: Tensor) -> torch.dtype:
@@ -162,7 +173,8 @@ class ChangePoint(NamedTuple):
     accepted: Tensor
     """`[B]` bool: whether the one-drop model beats the no-change model."""
     bic_gain: Tensor
-    """`[B]` float: `max(0, BIC0 - BIC_best)`; positive exactly when `accepted`."""
+    """`[B]` float: `max(0, BIC0 - BIC_best)`; positive exactly when `accepted` under formula 6 (a calibrated change
+    point, formula 10, keeps the gain of formula 6 where its test rejects the drop)."""
 
 
 def bic_change_point(scores: Tensor, num_segments: Tensor) -> ChangePoint:
@@ -285,6 +297,102 @@ def null_change_point(scores: Tensor, num_segments: Tensor, generator: torch.Gen
     return bic_change_point(shuffle_segments(scores, num_segments, generator), num_segments)
 
 
+def _permutation_p_values(scores: Tensor, num_segments: Tensor, gain: Tensor, keys: Tensor) -> Tensor:
+    """`(1 + #{gain of a shuffle >= gain}) / (1 + P)` per row, the shuffles ordering each row by `keys` `[B|1, P, S]`.
+
+    Row `b`'s shuffle `p` puts its first `num_segments[b]` scores in the order of `keys[b, p, :n_b]` (columns beyond
+    are padding and stay last); all `B * P` shuffled rows go through one [`bic_change_point`] call.
+    """
+    batch, width = scores.shape
+    num_permutations = keys.shape[1]
+    n = num_segments.to(device=scores.device, dtype=torch.long)
+    positions = torch.arange(width, device=scores.device)
+    keys = torch.where(positions < n[:, None, None], keys.to(scores.device).expand(batch, -1, -1), torch.inf)
+    shuffled = scores[:, None, :].expand(-1, num_permutations, -1).gather(2, keys.argsort(dim=2, stable=True))
+    rows = shuffled.reshape(batch * num_permutations, width)
+    null_gain = bic_change_point(rows, n.repeat_interleave(num_permutations)).bic_gain.view(batch, -1)
+    exceed = (null_gain.double() >= gain.double()[:, None] * (1 - 1e-9)).sum(dim=1)  # ties count against the drop
+    return (1.0 + exceed.double()) / (1.0 + num_permutations)
+
+
+def permutation_p_value(
+    scores: Tensor,
+    num_segments: Tensor,
+    num_permutations: int = DEFAULT_PERMUTATIONS,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The permutation p-value of formula 6's BIC gain per trajectory (formula 10); 1 where formula 6 finds no drop.
+
+    `p = (1 + #{shuffled gains >= observed gain}) / (1 + P)`, the shuffled gains being formula 6 on `P` uniform
+    within-trajectory shuffles of the same scores. Under the null (a trajectory's scores are exchangeable) `p` is a
+    valid p-value: `P(p <= a) <= a` for every `a`. One `[B, P, S]` draw of random keys from `generator` (default:
+    torch's global one), one batched [`bic_change_point`] over the `P` shuffles of each row formula 6 accepts (the
+    others are not tested): `O(P * S)` work per trajectory, no Python loop.
+
+    Args:
+        scores: `[B, S]` segment scores; columns `>= num_segments[b]` are ignored.
+        num_segments: `[B]` integer, each `<= S`.
+        num_permutations: `P >= 1`; p-values live on a grid of `1 / (P + 1)`.
+        generator: the random source (advanced by one `[B, P, S]` draw, whatever the scores).
+
+    Returns:
+        `[B]` float64 p-values in `(0, 1]`.
+    """
+    if num_permutations < 1:
+        raise ValueError(f"num_permutations must be >= 1; got {num_permutations}")
+    batch, width = scores.shape
+    device = generator.device if generator is not None else scores.device
+    keys = torch.rand(batch, num_permutations, width, generator=generator, device=device, dtype=torch.float64)
+    return _p_values_where_accepted(bic_change_point(scores, num_segments), scores, num_segments, keys)
+
+
+def permutation_change_point(
+    scores: Tensor,
+    num_segments: Tensor,
+    alpha: float,
+    num_permutations: int = DEFAULT_PERMUTATIONS,
+    generator: torch.Generator | None = None,
+) -> ChangePoint:
+    """Formula 6's change point, accepted only where its BIC gain is significant at level `alpha` (formula 10).
+
+    The drop of [`bic_change_point`] (same `tau`, same gain) is accepted iff formula 6 accepts it **and** its
+    [`permutation_p_value`] is at most `alpha`. Under the null (a trajectory's scores are exchangeable: no order,
+    let alone a drop) a drop is then accepted with probability at most `alpha`, whatever the number of segments or
+    the distribution of the scores. With `n <= 3` segments no p-value reaches 0.05 (3! = 6 orders), so nothing is
+    released there at the usual levels. A rejected drop keeps formula 6's gain in `bic_gain` (the test statistic).
+
+    Args:
+        scores: `[B, S]` segment scores; columns `>= num_segments[b]` are ignored.
+        num_segments: `[B]` integer, each `<= S`.
+        alpha: the false-release rate, in (0, 1).
+        num_permutations, generator: of [`permutation_p_value`] (the same draws).
+
+    Returns:
+        [`ChangePoint`].
+    """
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1); got {alpha}")
+    p_value = permutation_p_value(scores, num_segments, num_permutations, generator)
+    return _calibrated(bic_change_point(scores, num_segments), num_segments, p_value, alpha)
+
+
+def _calibrated(paper: ChangePoint, num_segments: Tensor, p_value: Tensor, alpha: float) -> ChangePoint:
+    """`paper` accepted only where `p_value <= alpha` (the gain is kept: the test statistic)."""
+    accepted = paper.accepted & (p_value.to(paper.accepted.device) <= alpha)
+    n = num_segments.to(device=paper.release_segment.device, dtype=torch.long)
+    return ChangePoint(torch.where(accepted, paper.release_segment, n), accepted, paper.bic_gain)
+
+
+def _p_values_where_accepted(paper: ChangePoint, scores: Tensor, num_segments: Tensor, keys: Tensor) -> Tensor:
+    """`_permutation_p_values` of the rows formula 6 accepts (only those are shuffled and tested); 1 elsewhere."""
+    p_value = torch.ones(scores.shape[0], dtype=torch.float64, device=scores.device)
+    rows = paper.accepted.nonzero().squeeze(1)
+    if rows.numel():
+        row_keys = keys if keys.shape[0] == 1 else keys[rows.to(keys.device)]
+        p_value[rows] = _permutation_p_values(scores[rows], num_segments[rows], paper.bic_gain[rows], row_keys)
+    return p_value
+
+
 # ----------------------------------------------------------------------------------------------- formula 7
 
 
@@ -342,8 +450,35 @@ class OnlineRelease(NamedTuple):
     """`[B]` long: segments kept (`tau` of the stop; the offline change point when it never stopped)."""
 
 
-def online_release(scores: Tensor, num_segments: Tensor, min_segments: int = 3, patience: int = 2) -> OnlineRelease:
-    """The online release rule (formula 9) replayed on complete trajectories.
+def online_looks(min_segments: int, max_segments: int) -> list[int]:
+    """The segment counts at which the calibrated online rule looks (formula 10): a geometric grid.
+
+    `n_1 = max(min_segments, 5)` (fewer than 5 exchangeable scores have too few orders for a p-value to reach a
+    small level), then `n_{j+1} = max(n_j + 1, round(1.5 * n_j))`: 5, 8, 12, 18, 27, 40, 60, ... up to
+    `max_segments - 1`. A look at every segment would split `alpha` over many more tests for little gain in delay.
+    """
+    looks, n = [], max(min_segments, _FIRST_CALIBRATED_LOOK)
+    while n < max_segments:
+        looks.append(n)
+        n = max(n + 1, round(1.5 * n))
+    return looks
+
+
+def look_alpha(alpha: float, look: int) -> float:
+    """The share of `alpha` spent at look `look` (1-based): `alpha * 6 / (pi^2 * look^2)`; they sum to `alpha`."""
+    return alpha * 6.0 / (math.pi**2 * look**2)
+
+
+def online_release(
+    scores: Tensor,
+    num_segments: Tensor,
+    min_segments: int = 3,
+    patience: int = 2,
+    alpha: float | None = None,
+    num_permutations: int = DEFAULT_PERMUTATIONS,
+    generator: torch.Generator | None = None,
+) -> OnlineRelease:
+    """The online release rule (formula 9) replayed on complete trajectories; calibrated with `alpha` (formula 10).
 
     While a trajectory is generated, each time its `n`-th segment is complete (segment `n` has started) the
     change point of formula 6 is run on its first `n` scores; generation stops at the first `n` with
@@ -354,14 +489,32 @@ def online_release(scores: Tensor, num_segments: Tensor, min_segments: int = 3, 
     [`bic_change_point`] on all its scores. The generation loop of the trainer calls this same function on
     the scores it has so far, so a replay on recorded scores makes the same decisions.
 
+    **Calibrated** (`alpha` set): every look is another chance of a false stop (formula 6 alone stops most
+    trajectories of pure noise once it looks often enough), so the looks are few and the level is spent across them.
+    The rule looks only at the `n` of [`online_looks`] (5, 8, 12, 18, 27, ...); the `j`-th look is a permutation
+    test ([`permutation_change_point`]) at level `alpha_j = alpha * 6 / (pi^2 j^2)` ([`look_alpha`]) with
+    `max(num_permutations, ceil(4 / alpha_j))` shuffles, so that a small level can still be reached. The
+    `alpha_j` sum to `alpha` however long the trajectory, so by the union bound a trajectory of exchangeable
+    scores is ever stopped with probability at most `alpha`. Alpha spending rather than a permutation distribution
+    of the running maximum: the future of a trajectory is unknown at a look, and the union bound needs no
+    assumption on how the looks depend on one another. The shuffles of look `j` are drawn from a seed that
+    depends only on the generator's first draw and on `j`, and are shared by all rows: the decision on a trajectory
+    does not depend on which other trajectories are still running, so the generation loop (whose batch shrinks as
+    rows stop) and a replay agree. A trajectory that is never stopped gets [`permutation_change_point`] on all its
+    scores at level `alpha` (so its supervision is released with probability at most `2 alpha` in all).
+
     Every prefix of every row goes through one batched [`bic_change_point`] call (`O(S^2)` work per
-    trajectory, no Python loop).
+    trajectory, no Python loop over trajectories; calibrated, one batched permutation test per look).
 
     Args:
         scores: `[B, S]` segment scores; columns `>= num_segments[b]` are ignored.
         num_segments: `[B]` integer, each `<= S`.
         min_segments: smallest number of complete segments a stop is decided on (`>= 1`).
         patience: complete segments that must follow the drop (`>= 1`).
+        alpha: the stop rate on exchangeable scores, in (0, 1); `None` is formula 9 exactly.
+        num_permutations: the least number of shuffles per test (calibrated only).
+        generator: calibrated only: one integer is drawn from it, the seed of every look's shuffles (pass a
+            generator in the same state to every call that should make the same decisions). Default: seed 0.
 
     Returns:
         [`OnlineRelease`].
@@ -374,6 +527,8 @@ def online_release(scores: Tensor, num_segments: Tensor, min_segments: int = 3, 
         raise ValueError(f"min_segments and patience must be >= 1; got {min_segments} and {patience}")
     batch, max_segments = scores.shape
     n = num_segments.to(device=scores.device, dtype=torch.long)
+    if alpha is not None:
+        return _calibrated_online_release(scores, n, min_segments, patience, alpha, num_permutations, generator)
     offline = bic_change_point(scores, n).release_segment
     prefixes = torch.arange(min(min_segments, max_segments), max_segments, device=scores.device)  # candidate n
     if prefixes.numel() == 0:
@@ -390,3 +545,36 @@ def online_release(scores: Tensor, num_segments: Tensor, min_segments: int = 3, 
         stop_segment=torch.where(stopped, prefixes[first.squeeze(1)], n),
         release_segment=torch.where(stopped, tau.gather(1, first).squeeze(1), offline),
     )
+
+
+def _calibrated_online_release(
+    scores: Tensor,
+    n: Tensor,
+    min_segments: int,
+    patience: int,
+    alpha: float,
+    num_permutations: int,
+    generator: torch.Generator | None,
+) -> OnlineRelease:
+    """`online_release` with `alpha` (formula 10): the looks of `online_looks`, alpha spent by `look_alpha`."""
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    base = int(torch.randint(2**31 - 1, (1,), generator=generator, device=generator.device))
+    offline = permutation_change_point(scores, n, alpha, num_permutations, generator).release_segment
+    stop_segment, release_segment = n.clone(), offline
+    pending = torch.ones_like(n, dtype=torch.bool)
+    for look, prefix in enumerate(online_looks(min_segments, scores.shape[1]), start=1):
+        level = look_alpha(alpha, look)
+        draws = max(num_permutations, math.ceil(4.0 / level))
+        keys = torch.rand(1, draws, prefix, generator=torch.Generator().manual_seed(base * 1009 + look),
+                          dtype=torch.float64)  # fmt: skip
+        eligible = pending & (prefix < n)  # segment `prefix` has started: the first `prefix` are complete
+        at = torch.full_like(n, prefix)
+        paper = bic_change_point(scores[:, :prefix], at)
+        p_value = _p_values_where_accepted(paper, scores[:, :prefix], at, keys)
+        tau = _calibrated(paper, at, p_value, level).release_segment
+        stop = eligible & (prefix - tau >= patience)
+        stop_segment = torch.where(stop, at, stop_segment)
+        release_segment = torch.where(stop, tau, release_segment)
+        pending &= ~stop
+    return OnlineRelease(stop_segment, release_segment)

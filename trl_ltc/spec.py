@@ -11,10 +11,15 @@ re-exports them. This module imports neither TRL nor transformers, so analysis c
 | `random_release` | the teacher margin, segments, one permutation across the generation batch | no |
 | `adv_std_release` | segments, the per-segment std of the advantage | no |
 | `token_teachability` | the TA-OPD token features (formula 8) | no |
+| `iw_opd` | the advantage (formula 11) | no |
+
+Release-type policies (those that decide a change point per trajectory) take `release_alpha` (formula 10) and
+`release_keep_advantage_below`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 from .segmentation import SEGMENTATION_METHODS
@@ -28,6 +33,7 @@ __all__ = [
     "SEGMENTATIONS",
     "SUPERVISIONS",
     "TOKEN_SCORES",
+    "RELEASE_POLICIES",
     "PolicyTraits",
     "SupervisionSpec",
     "check_choice",
@@ -61,8 +67,12 @@ POLICIES = {
     "random_release": PolicyTraits(needs_margin=True, needs_segments=True, needs_global_permutation=True),
     "adv_std_release": PolicyTraits(needs_segments=True, needs_advantage_std=True),
     "token_teachability": PolicyTraits(needs_teachability_features=True),
+    "iw_opd": PolicyTraits(),
 }
 SUPERVISIONS = tuple(POLICIES)
+# Policies that release a suffix per trajectory by a change point: `release_alpha` and
+# `release_keep_advantage_below` apply to them.
+RELEASE_POLICIES = tuple(name for name, traits in POLICIES.items() if traits.needs_segments)
 # Policies whose weights need the teacher's distribution over the student's top-K, not only log pT(y_t).
 MARGIN_POLICIES = tuple(
     name for name, traits in POLICIES.items() if traits.needs_margin or traits.needs_teachability_features
@@ -117,6 +127,11 @@ class SupervisionSpec:
     online_min_segments: int = 3
     online_patience: int = 2
     online_check_tokens: int = 16
+    release_alpha: float | None = None
+    """Formula 10: a change point is accepted only where its permutation p-value is at most this (None: formula 6)."""
+    release_permutations: int = 199
+    release_keep_advantage_below: float | None = None
+    iw_opd_gamma: float = 0.5
 
     def __post_init__(self):
         check_choice("supervision", self.policy, SUPERVISIONS)
@@ -143,9 +158,31 @@ class SupervisionSpec:
                 f"`supervision='release'`; got supervision={self.policy!r}. Set `supervision='release'` or "
                 "`rollout_truncation='none'`."
             )
-        for name in ("online_min_segments", "online_patience", "online_check_tokens"):
+        for name in ("online_min_segments", "online_patience", "online_check_tokens", "release_permutations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1; got {getattr(self, name)}.")
+        if self.release_alpha is not None and not 0.0 < self.release_alpha < 1.0:
+            raise ValueError(
+                f"`release_alpha` must be in (0, 1) (e.g. 0.05), or None for the paper's rule; "
+                f"got {self.release_alpha}."
+            )
+        if self.release_alpha is not None and 1.0 / (self.release_permutations + 1) > self.release_alpha:
+            raise ValueError(
+                f"`release_permutations={self.release_permutations}` cannot reach "
+                f"`release_alpha={self.release_alpha}`: "
+                f"the smallest p-value is 1 / (release_permutations + 1). Use at least "
+                f"{math.ceil(1.0 / self.release_alpha)} permutations (199 by default)."
+            )
+        keep = self.release_keep_advantage_below
+        if keep is not None and not math.isfinite(keep):
+            raise ValueError(f"`release_keep_advantage_below` must be a finite number of nats or None; got {keep}.")
+        if keep is not None and self.policy not in RELEASE_POLICIES:
+            raise ValueError(
+                "`release_keep_advantage_below` keeps corrections inside a released suffix, so it needs a "
+                f"release-type supervision ({', '.join(RELEASE_POLICIES)}); got supervision={self.policy!r}."
+            )
+        if not (math.isfinite(self.iw_opd_gamma) and self.iw_opd_gamma >= 0):
+            raise ValueError(f"`iw_opd_gamma` must be a finite number >= 0; got {self.iw_opd_gamma}.")
 
     @classmethod
     def from_config(cls, args) -> SupervisionSpec:
@@ -185,6 +222,15 @@ class SupervisionSpec:
     def online(self) -> bool:
         """`rollout_truncation="online"`: generation stops where the release rule stops supervising."""
         return self.rollout_truncation == "online"
+
+    def weight_kwargs(self) -> dict:
+        """The keyword arguments of `trl_ltc.supervision.supervision_weights` that this spec fixes."""
+        return {
+            "fixed_prefix_length": self.fixed_prefix_length, "token_score": self.token_score,
+            "token_keep_ratio": self.token_keep_ratio, "token_min_keep": self.token_min_keep,
+            "release_alpha": self.release_alpha, "release_permutations": self.release_permutations,
+            "keep_advantage_below": self.release_keep_advantage_below, "iw_opd_gamma": self.iw_opd_gamma,
+        }  # fmt: skip
 
     @property
     def parent_loss(self) -> bool:

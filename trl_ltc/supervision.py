@@ -10,6 +10,10 @@ Every policy feeds the same OPD loss (formula 2); only the weights differ (see t
 | `random_release` | the release fractions permuted across the batch (in training: an optimizer step's, all ranks) |
 | `adv_std_release` | the same change point on the per-segment std of the advantage |
 | `token_teachability` | TA-OPD: the top `keep_ratio` positions of the batch by token score |
+| `iw_opd` | IW-OPD: `1 + gamma * (1 - S_<t / S)`, `S_<t / S` the share of `|A|` before `t` (not mass-preserving) |
+
+Release-type policies take `release_alpha` (formula 10: the change point calibrated by a permutation test) and
+`keep_advantage_below` (tokens of the released suffix whose advantage is below it stay supervised).
 """
 
 from __future__ import annotations
@@ -20,13 +24,16 @@ from typing import NamedTuple
 import torch
 
 from .release import (
+    DEFAULT_PERMUTATIONS,
     ChangePoint,
     bic_change_point,
     mass_preserving_weights,
     null_change_point,
+    permutation_change_point,
     release_weights,
     segment_scores,
 )
+from .spec import RELEASE_POLICIES
 from .teachability import TeachabilityFeatures, score_tokens, token_budget_weights
 
 
@@ -37,6 +44,8 @@ class Supervision(NamedTuple):
     change_point: ChangePoint | None = None  # the change point the policy found (release-type policies)
     num_segments: torch.Tensor | None = None  # [B] long
     segment_scores: torch.Tensor | None = None  # [B, S] float
+    paper_change_point: ChangePoint | None = None  # formula 6's, when `change_point` is calibrated (formula 10)
+    corrections: torch.Tensor | None = None  # [B, T] bool: released tokens kept by `keep_advantage_below`
 
 
 def fixed_mass_preserving_weights(loss_mask: torch.Tensor, length: int) -> torch.Tensor:
@@ -114,6 +123,37 @@ def random_release_weights(
     return fraction_prefix_weights(loss_mask, permute_release_fractions(fractions, eligible, generator))
 
 
+def iw_opd_weights(loss_mask: torch.Tensor, advantages: torch.Tensor, gamma: float = 0.5) -> torch.Tensor:
+    """IW-OPD weights (arXiv 2606.22600; DESIGN.md formula 11): `w_t = mask_t * (1 + gamma * (1 - S_<t / S))`.
+
+    `S_<t` is the sum of `|A_s|` over the completion tokens before `t` and `S` over the whole completion (advantages
+    detached; `S` floored at 1e-8, so a row of zero advantages weighs every token `1 + gamma`). Early tokens, with
+    most of the trajectory's disagreement still ahead, weigh up to `1 + gamma`; not mass-preserving, as published.
+    Rows without completion tokens get zeros.
+    """
+    mask = loss_mask.float()
+    magnitude = (advantages.detach().float().abs() * (mask > 0)).double()
+    before = magnitude.cumsum(-1) - magnitude  # S_<t: the tokens strictly before t
+    total = magnitude.sum(-1, keepdim=True).clamp_min(1e-8)
+    return (mask * (1.0 + gamma * (1.0 - before / total))).float()
+
+
+def keep_corrections(
+    weights: torch.Tensor, loss_mask: torch.Tensor, advantages: torch.Tensor, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Release weights with the released tokens whose advantage is below `threshold` supervised again.
+
+    Where `A_t = log pT(y_t) - log pS(y_t) < threshold` the teacher clearly rejects the sampled token: discriminative
+    feedback whatever the margin among the student's candidates. Kept = the policy's kept tokens plus those
+    corrections, then the mass-preserving rescale of formula 7. Returns `(weights, corrections)`, the latter the
+    `[B, T]` bool mask of the released tokens kept this way.
+    """
+    mask = loss_mask > 0
+    kept = (weights > 0) & mask
+    corrections = mask & ~kept & (advantages.detach() < threshold)
+    return mass_preserving_weights(kept | corrections, loss_mask), corrections
+
+
 def supervision_weights(
     policy: str,
     loss_mask: torch.Tensor,
@@ -130,6 +170,10 @@ def supervision_weights(
     online_stopped: torch.Tensor | None = None,
     online_bic_gain: torch.Tensor | None = None,
     release_fractions: torch.Tensor | None = None,
+    release_alpha: float | None = None,
+    release_permutations: int = DEFAULT_PERMUTATIONS,
+    keep_advantage_below: float | None = None,
+    iw_opd_gamma: float = 0.5,
 ) -> Supervision:
     """Weights `[B, T]` of `policy` for one batch of trajectories.
 
@@ -150,6 +194,10 @@ def supervision_weights(
         online_bic_gain: `[B]` float, the BIC gain of the change point that stopped each trajectory.
         release_fractions: `[B]` float, the already permuted fractions `random_release` applies (the trainer draws
             them across the generation batch of an optimizer step); without them it permutes within this batch.
+        release_alpha: calibrate the change point (formula 10, `permutation_change_point` with
+            `release_permutations` shuffles drawn from `generator`); `None` is formula 6 exactly.
+        keep_advantage_below: release-type policies keep the released tokens whose advantage is below this (nats).
+        iw_opd_gamma: `gamma` of `iw_opd` (formula 11; needs `advantages`).
     """
     loss_mask = loss_mask.float()
     change_point = num_segments = scores = None
@@ -158,16 +206,24 @@ def supervision_weights(
         scores = segment_std(advantages, segment_ids, num_segments)
     elif segment_ids is not None and margins is not None:
         scores, num_segments = segment_scores(margins, segment_ids)
+    paper = None
     if scores is not None:
         change_point = bic_change_point(scores, num_segments)
+        if release_alpha is not None:
+            paper = change_point
+            calibrated = release_alpha, release_permutations, generator
+            change_point = permutation_change_point(scores, num_segments, *calibrated)
     if online_stopped is not None and change_point is not None:
         stopped = online_stopped.to(change_point.accepted.device).bool()
         gain = change_point.bic_gain if online_bic_gain is None else online_bic_gain.to(change_point.bic_gain)
-        change_point = ChangePoint(
-            release_segment=torch.where(stopped, num_segments, change_point.release_segment),
-            accepted=change_point.accepted | stopped,
-            bic_gain=torch.where(stopped, gain, change_point.bic_gain),
-        )
+        change_point, paper = (
+            None if cp is None else ChangePoint(
+                release_segment=torch.where(stopped, num_segments, cp.release_segment),
+                accepted=cp.accepted | stopped,
+                bic_gain=torch.where(stopped, gain, cp.bic_gain),
+            )
+            for cp in (change_point, paper)
+        )  # fmt: skip
 
     if policy == "full":
         weights = loss_mask
@@ -182,9 +238,14 @@ def supervision_weights(
     elif policy == "token_teachability":
         token_scores = score_tokens(features, loss_mask, token_score, generator=generator)
         weights = token_budget_weights(token_scores, loss_mask, token_keep_ratio, token_min_keep)
+    elif policy == "iw_opd":
+        weights = iw_opd_weights(loss_mask, advantages, iw_opd_gamma)
     else:
         raise ValueError(f"Unknown supervision policy {policy!r}.")
-    return Supervision(weights, change_point, num_segments, scores)
+    corrections = None
+    if keep_advantage_below is not None and policy in RELEASE_POLICIES:
+        weights, corrections = keep_corrections(weights, loss_mask, advantages, keep_advantage_below)
+    return Supervision(weights, change_point, num_segments, scores, paper, corrections)
 
 
 def supervision_stats(
@@ -195,6 +256,7 @@ def supervision_stats(
     features: TeachabilityFeatures | None = None,
     null_generator: torch.Generator | None = None,
     inexact_margins: torch.Tensor | None = None,
+    iw_opd: bool = False,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Metric name -> (sum, count) over this batch, so that processes can be summed before dividing.
 
@@ -206,6 +268,10 @@ def supervision_stats(
     `margin/suffix_mean` are the mean margins on kept and released tokens; `advantage/mean` and `advantage/std` are
     over supervised tokens (the std is rebuilt from the sums of `A` and `A^2`). With a served teacher's
     `inexact_margins` (`[B, T]` bool), `teacher_server/inexact_margin_frac` is their share of the completion tokens.
+    With a calibrated change point (formula 10) `release/accepted_frac` is its acceptance and
+    `release/accepted_frac_bic` formula 6's on the same scores; `release/corrections_kept_frac` is the share of the
+    released tokens kept by `keep_advantage_below`. With `iw_opd`, `iw_opd/weight_{mean,min,max}` over completion
+    tokens (the min and max are reduced across processes by `gather_stats` as extremes, not sums).
     """
     mask = loss_mask > 0
     kept = (supervision.weights > 0) & mask
@@ -225,11 +291,22 @@ def supervision_stats(
     cp = supervision.change_point
     if cp is not None:
         stats["release/accepted_frac"] = (one(cp.accepted), n_traj)
+        if supervision.paper_change_point is not None:  # calibrated: formula 6's acceptance on the same scores
+            stats["release/accepted_frac_bic"] = (one(supervision.paper_change_point.accepted), n_traj)
         if null_generator is not None and supervision.segment_scores is not None:
             null = null_change_point(supervision.segment_scores, supervision.num_segments, null_generator)
             stats["release/accepted_frac_null"] = (one(null.accepted), n_traj)
         stats["release/bic_gain"] = (one(cp.bic_gain), n_traj)
         stats["release/num_segments"] = (one(supervision.num_segments), n_traj)
+    if supervision.corrections is not None:  # released tokens kept by `keep_advantage_below`
+        corrections = supervision.corrections & mask
+        stats["release/corrections_kept_frac"] = (one(corrections), one(corrections) + one(mask & ~kept))
+    if iw_opd:
+        weights = supervision.weights.float()
+        stats["iw_opd/weight_mean"] = (one(torch.where(mask, weights, 0.0)), n_tok)
+        if bool(mask.any()):
+            stats["iw_opd/weight_min"] = (weights[mask].min(), torch.ones((), device=mask.device))
+            stats["iw_opd/weight_max"] = (weights[mask].max(), torch.ones((), device=mask.device))
     if margins is not None:
         m = margins.float()
         released = mask & ~kept
@@ -248,9 +325,22 @@ def supervision_stats(
     return stats
 
 
+_EXTREMES = {"_min": min, "_max": max}  # metrics whose `(value, 1)` pairs reduce to an extreme, not a mean
+
+
+def _extreme(name: str):
+    return _EXTREMES.get(name[-4:])
+
+
 def reduce_stats(totals: dict[str, tuple[float, float]]) -> dict[str, float]:
-    """Turn summed `(sum, count)` pairs into metric values (`nan` where nothing was counted)."""
-    out = {name: s / c if c > 0 else math.nan for name, (s, c) in totals.items() if name != "advantage/sq_mean"}
+    """Turn summed `(sum, count)` pairs into metric values (`nan` where nothing was counted).
+
+    Names ending in `_min` / `_max` hold `(extreme, number of processes that had one)`, already reduced."""
+    out = {
+        name: (s if _extreme(name) else s / c) if c > 0 else math.nan
+        for name, (s, c) in totals.items()
+        if name != "advantage/sq_mean"
+    }
     if "advantage/sq_mean" in totals:
         s, c = totals["advantage/sq_mean"]
         mean = out["advantage/mean"]
@@ -262,5 +352,10 @@ def gather_stats(stats: dict[str, tuple[torch.Tensor, torch.Tensor]], gather) ->
     """`reduce_stats` of `supervision_stats` summed over processes: `gather` is `accelerator.gather` (one call)."""
     names = sorted(stats)
     local = torch.stack([torch.stack([s.float(), c.float()]) for s, c in (stats[n] for n in names)])
-    total = gather(local[None]).sum(0).tolist()
+    gathered = gather(local[None])  # [processes, names, 2]
+    total = gathered.sum(0).tolist()
+    for i, name in enumerate(names):
+        if reduce := _extreme(name):  # the extreme over the processes that had tokens
+            values = [v for v, c in gathered[:, i].tolist() if c > 0]
+            total[i] = [reduce(values) if values else 0.0, float(len(values))]
     return reduce_stats(dict(zip(names, map(tuple, total))))

@@ -163,6 +163,9 @@ class TeachabilityGKDTrainer(DistillationTrainer):
             suppress_padded_rows(self, sizes[0])
         if spec.online:
             check_online_support(self)
+        if self.use_vllm:  # vLLM's CPU build repacks its layers: TRL's colocated weight sync needs another call
+            from .vllm_compat import adapt_weight_sync
+            adapt_weight_sync(self)
         self.teacher_server = TeacherServer.for_trainer(self) if served else None
         self._online_rollout: OnlineRollout | None = None
         self._skip_teacher_forward = False  # set by `_compute_loss` while the loss uses an online rollout's scores
@@ -370,16 +373,16 @@ class TeachabilityGKDTrainer(DistillationTrainer):
         segment_ids = segment_completions(*completions, self._tokenizer, spec.segmentation, spec.segment_window)
         segment_ids = segment_ids.to(loss_mask.device)
         online = {"online_stopped": inputs.get("online_stopped"), "online_bic_gain": inputs.get("online_bic_gain")}
-        if fractions_only:
-            margins = signals.margins
-            rule = supervision_weights("release", loss_mask, segment_ids=segment_ids, margins=margins, **online)
+        advantages, margins, generator = signals.advantages, signals.margins, self.release_generator
+        if fractions_only:  # the kept fractions of the release rule (its calibration included), nothing else
+            calibration = {"release_alpha": spec.release_alpha, "release_permutations": spec.release_permutations}
+            rule = supervision_weights("release", loss_mask, segment_ids=segment_ids, margins=margins,
+                                       generator=generator, **online, **calibration)  # fmt: skip
             return *kept_fractions(rule.weights, loss_mask, segment_ids), None
-        advantages = signals.advantages
         supervision = supervision_weights(
-            spec.policy, loss_mask, segment_ids=segment_ids, margins=signals.margins, advantages=advantages,
-            features=signals.features, fixed_prefix_length=spec.fixed_prefix_length, generator=self.release_generator,
-            token_score=spec.token_score, token_keep_ratio=spec.token_keep_ratio, token_min_keep=spec.token_min_keep,
-            release_fractions=inputs.get("random_release_fraction"), **online,
+            spec.policy, loss_mask, segment_ids=segment_ids, margins=margins, advantages=advantages,
+            features=signals.features, generator=generator, release_fractions=inputs.get("random_release_fraction"),
+            **online, **spec.weight_kwargs(),
         )  # fmt: skip
         weights = supervision.weights.to(advantages.dtype)
         if spec.parent_loss:
@@ -409,7 +412,7 @@ class TeachabilityGKDTrainer(DistillationTrainer):
             )  # fmt: skip
             self.release_diagnostics.add(records, step=self.state.global_step)
         self._pending_stats = supervision_stats(
-            supervision, loss_mask, advantages, signals.margins, signals.features, null_generator=self.null_generator,
-            inexact_margins=signals.inexact_margins,
+            supervision, loss_mask, advantages, margins, signals.features, null_generator=self.null_generator,
+            inexact_margins=signals.inexact_margins, iw_opd=spec.policy == "iw_opd",
         )
         return loss, (signals.student_entropy * loss_mask).sum().detach(), n_valid

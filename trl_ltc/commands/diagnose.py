@@ -34,7 +34,10 @@ def release_spec(args) -> SupervisionSpec:
         online_min_segments=args.online_min_segments,
         online_patience=args.online_patience,
         online_check_tokens=args.online_check_tokens,
+        release_alpha=args.release_alpha,
+        release_permutations=args.release_permutations,
     )
+
 
 def _preset(name: str) -> dict:
     """Resolve `--preset`. PRESET HOOK: `quickstart` needs `trl_ltc.embedded.prepare_smollm2_pair()` returning
@@ -150,6 +153,16 @@ class DiagnoseArguments:
     online_check_tokens: int = field(
         default=16,
         metadata={"help": "Online release replay: generated tokens between two decisions, for the saved tokens."},
+    )
+    release_alpha: float = field(
+        default=0.05,
+        metadata={
+            "help": "Level of the calibrated change point reported next to the paper's rule and its null "
+            "(accepted_frac_calibrated; with --replay, the calibrated online rule)."
+        },
+    )
+    release_permutations: int = field(
+        default=199, metadata={"help": "Shuffles per trajectory of the calibrated change point."}
     )
     replay: str | None = field(
         default=None,
@@ -293,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         online_min_segments=args.online_min_segments,
         online_patience=args.online_patience,
         online_check_tokens=args.online_check_tokens,
+        release_alpha=args.release_alpha,
+        release_permutations=args.release_permutations,
     )
     print(f"Wrote {', '.join(files)} to {os.path.abspath(args.output_dir)}")
     return 0
@@ -313,6 +328,10 @@ def _replay_main(args) -> int:
     path = Path(args.replay)
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     replayed = online_replay(records, args.online_min_segments, args.online_patience, args.online_check_tokens)
+    calibrated = online_replay(records, args.online_min_segments, args.online_patience, args.online_check_tokens,
+                               args.release_alpha, args.release_permutations, args.seed)  # fmt: skip
+    for fields, fields_calibrated in zip(replayed, calibrated):
+        fields["online_stopped_calibrated"] = fields_calibrated["online_stopped"]
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     keys = ("index", "prompt_id", "step", "num_segments", "completion_length", "release_segment", "accepted")
@@ -324,6 +343,8 @@ def _replay_main(args) -> int:
         f"online_patience={args.online_patience}, online_check_tokens={args.online_check_tokens}."
     )
     lines = online_summary_lines(summarize_online(records, replayed), settings)
+    stopped = sum(r["online_stopped"] for r in calibrated) / max(len(calibrated), 1)
+    lines.append(f"Calibrated online rule (release_alpha={args.release_alpha}): stopped {stopped:.3f} of them.")
     (output_dir / "online_replay.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
     print(f"Wrote online_replay.jsonl, online_replay.md to {os.path.abspath(output_dir)}")

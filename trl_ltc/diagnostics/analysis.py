@@ -147,8 +147,12 @@ def summarize(records: Sequence[dict]) -> dict[str, float]:
 
 
 def _null_summary(records: Sequence[dict]) -> dict[str, float]:
-    nulls = [r["accepted_null"] for r in records if "accepted_null" in r]
-    return {"accepted_frac_null": float(np.mean(nulls))} if nulls else {}
+    out = {}
+    for field, name in (("accepted_null", "accepted_frac_null"), ("accepted_calibrated", "accepted_frac_calibrated")):
+        values = [r[field] for r in records if field in r]
+        if values:
+            out[name] = float(np.mean(values))
+    return out
 
 
 def segment_score_batch(records: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,6 +181,21 @@ def null_acceptance(records: Sequence[dict], seed: int = 0) -> list[bool]:
     return null_change_point(scores, num_segments, generator).accepted.tolist()
 
 
+def calibrated_acceptance(
+    records: Sequence[dict], alpha: float = 0.05, num_permutations: int | None = None, seed: int = 0
+) -> list[bool]:
+    """`accepted_calibrated` of each record: formula 10, the paper's drop accepted only where its permutation p-value
+    is at most `alpha` (`trl_ltc.release.permutation_change_point`, one batched call, generator seeded with `seed`)."""
+    from ..release import DEFAULT_PERMUTATIONS, permutation_change_point
+
+    if not records:
+        return []
+    scores, num_segments = segment_score_batch(records)
+    generator = torch.Generator().manual_seed(seed)
+    permutations = num_permutations or DEFAULT_PERMUTATIONS
+    return permutation_change_point(scores, num_segments, alpha, permutations, generator).accepted.tolist()
+
+
 def _teachability_summary(records: Sequence[dict]) -> dict[str, float]:
     if not any("teachability_kept" in r for r in records):
         return {}
@@ -195,7 +214,13 @@ def _teachability_summary(records: Sequence[dict]) -> dict[str, float]:
 
 
 def online_replay(
-    records: Sequence[dict], min_segments: int = 3, patience: int = 2, check_tokens: int = 1
+    records: Sequence[dict],
+    min_segments: int = 3,
+    patience: int = 2,
+    check_tokens: int = 1,
+    alpha: float | None = None,
+    num_permutations: int | None = None,
+    seed: int = 0,
 ) -> list[dict]:
     """The online release rule replayed on each record's segment scores (module docstring: fields).
 
@@ -205,6 +230,7 @@ def online_replay(
         min_segments, patience: of `online_release`.
         check_tokens: tokens per generation block (1: the stop happens right after the first token of the
             segment that completes the decision).
+        alpha, num_permutations, seed: the calibrated online rule (formula 10), its shuffles seeded with `seed`.
 
     Returns:
         One dict of `online_*` fields per record, in order.
@@ -216,7 +242,10 @@ def online_replay(
     if not records:
         return []
     scores, num_segments = segment_score_batch(records)
-    decision = online_release(scores, num_segments, min_segments, patience)
+    calibration = {} if alpha is None else {"alpha": alpha, "generator": torch.Generator().manual_seed(seed)}
+    if num_permutations is not None:
+        calibration["num_permutations"] = num_permutations
+    decision = online_release(scores, num_segments, min_segments, patience, **calibration)
     replayed = []
     for record, stop, release in zip(records, decision.stop_segment.tolist(), decision.release_segment.tolist()):
         length, stopped = record["completion_length"], stop < record["num_segments"]
@@ -281,6 +310,7 @@ _SUMMARY_ROWS = (
     ("trajectories", "Trajectories", "{:d}"),
     ("accepted_fraction", "Accepted fraction (one-drop summary preferred by BIC)", "{:.3f}"),
     ("accepted_frac_null", "Accepted fraction under the null (segment scores shuffled per trajectory)", "{:.3f}"),
+    ("accepted_frac_calibrated", "Accepted fraction, calibrated (permutation p-value <= release_alpha)", "{:.3f}"),
     ("kept_fraction_mean", "Mean kept fraction of the completion (all trajectories)", "{:.3f}"),
     ("kept_fraction_mean_accepted", "Mean kept fraction (accepted trajectories)", "{:.3f}"),
     ("margin_before_change", "Mean teacher margin before the change (accepted, per token)", "{:.4f}"),

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import torch
 
-from .analysis import null_acceptance, online_replay, online_summary_lines, summarize_online, write_summary
+from .analysis import (
+    calibrated_acceptance,
+    null_acceptance,
+    online_replay,
+    online_summary_lines,
+    summarize_online,
+    write_summary,
+)
 from .cases import write_cases_html
 from .plots import plot_margin_curve, plot_release, plot_support_sweep, plot_teachability
 from .records import DEFAULT_BINS, trajectory_records, write_records
@@ -43,6 +50,8 @@ def diagnose(
     online_min_segments: int = 3,
     online_patience: int = 2,
     online_check_tokens: int = 16,
+    release_alpha: float = 0.05,
+    release_permutations: int | None = None,
 ) -> dict[str, Path]:
     """Sample, score and segment completions of `prompts` and write every diagnostics file into `output_dir`.
 
@@ -53,7 +62,9 @@ def diagnose(
     (`token_top_k`) come from the same pass, and `supervision_weights("token_teachability", ...)` selects the
     tokens over each scoring batch of `batch_size` trajectories, as training does over a per-device batch
     (`teachability.png`); `token_score="random"` draws from a generator seeded with `seed`. Every record gets
-    `accepted_null` from `null_acceptance` with the same `seed` (module docstring). The online
+    `accepted_null` from `null_acceptance` with the same `seed` (module docstring) and `accepted_calibrated` from
+    `calibrated_acceptance` at `release_alpha` (formula 10), and `online_stopped_calibrated`, the calibrated online
+    rule's stop (the paper's online rule gives `online_*`). The online
     release rule is replayed on the records with `online_min_segments`, `online_patience` and
     `online_check_tokens` (`online_replay`; fields in `records.jsonl`, overall numbers in `summary.md`).
 
@@ -140,14 +151,19 @@ def diagnose(
     )
     for record, accepted_null in zip(records, null_acceptance(records, seed)):
         record["accepted_null"] = accepted_null
+    for record, accepted in zip(records, calibrated_acceptance(records, release_alpha, release_permutations, seed)):
+        record["accepted_calibrated"] = accepted
     replayed = online_replay(records, online_min_segments, online_patience, online_check_tokens)
-    for record, fields in zip(records, replayed):
-        record.update(fields)
+    calibrated = online_replay(records, online_min_segments, online_patience, online_check_tokens,
+                               release_alpha, release_permutations, seed)  # fmt: skip
+    for record, fields, fields_calibrated in zip(records, replayed, calibrated):
+        record.update(fields, online_stopped_calibrated=fields_calibrated["online_stopped"])
+    stopped_calibrated = sum(r["online_stopped"] for r in calibrated) / max(len(calibrated), 1)
     online = online_summary_lines(
         summarize_online(records, replayed),
         f"online_min_segments={online_min_segments}, online_patience={online_patience}, "
         f"online_check_tokens={online_check_tokens}.",
-    )
+    ) + [f"Calibrated online rule (release_alpha={release_alpha}): stopped {stopped_calibrated:.3f} of them."]
     files = {
         "records.jsonl": write_records(records, output_dir / "records.jsonl"),
         "margin_curve.png": plot_margin_curve(records, output_dir / "margin_curve.png", bins, top_k),
