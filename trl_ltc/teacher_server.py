@@ -27,6 +27,7 @@ from __future__ import annotations
 import difflib
 import functools
 import json
+import logging
 import math
 import time
 import urllib.error
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
     from .served_teacher import ServedTeacherBlocks
 
 __all__ = ["RowScores", "TeacherServer", "TeacherServerError", "check_server_config"]
+
+logger = logging.getLogger(__name__)
 
 PROBE = "Teacher server probe: 12 + 30 = 42. Ünïcödé, tabs\tand\nnew lines."
 _ROWS_PER_REQUEST = 8  # token-id prompts per request (dialect "token_ids")
@@ -98,7 +101,8 @@ class TeacherServer:
         url: the server's base URL, e.g. `"http://localhost:8000"` (a trailing `/v1` is accepted).
         tokenizer: the trainer's tokenizer (the teacher's must be the same).
         model: the model name the server must serve; by default its only model.
-        top_logprobs: n, the teacher's top-n log-probs asked per position.
+        top_logprobs: n, the teacher's top-n log-probs asked per position; more than the tokenizer's vocabulary is
+            lowered to it (a vLLM server's engine dies on a top-n above its vocabulary).
         timeout: seconds one request may take.
         max_retries: retries of a failed request, with backoff 0.5 s, 1 s, 2 s, ...
         concurrency: requests in flight at once.
@@ -111,6 +115,14 @@ class TeacherServer:
         self.url = url.rstrip("/").removesuffix("/v1")
         self.tokenizer = tokenizer
         self.top_logprobs, self.timeout, self.max_retries = top_logprobs, timeout, max_retries
+        if top_logprobs > len(tokenizer):
+            # vLLM's engine dies on a top-n above its vocabulary (`selected index k out of range`, then every later
+            # request is refused); the whole vocabulary is the most a server can return anyway.
+            logger.warning(
+                "`teacher_server_top_logprobs=%d` is more than the %d tokens of the vocabulary: asking for %d.",
+                top_logprobs, len(tokenizer), len(tokenizer),
+            )  # fmt: skip
+            self.top_logprobs = len(tokenizer)
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="teacher-server")
         self.model, self.dialect = self._served_model(model)
         self._strings = _token_strings(tokenizer) if self.dialect == "echo" else None
