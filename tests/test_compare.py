@@ -411,13 +411,24 @@ def test_lab_config_is_the_papers_protocol(monkeypatch):
     comparison = load_comparison(LAB, output_dir="/nonexistent/never-written")
     assert comparison.distill["loss_type"] == "advantage" and comparison.distill["segmentation"] == "newline"
     assert comparison.distill["dataset_name"].endswith("running_sum_mod10_train.jsonl")
-    assert [p.name for p in comparison.policies] == [
-        "full", "release", "random_release", "fixed_prefix-median_release", "token_teachability",
+    names = [p.name for p in comparison.policies]
+    assert names == [
+        "full", "release", "release_calibrated", "release_calibrated_keep", "release_online_calibrated", "iw_opd",
+        "esr_45", "random_release",
     ]  # fmt: skip
+    fields = {p.name: p.fields for p in comparison.policies}
+    assert fields["release_calibrated"] == {"supervision": "release", "release_alpha": 0.05}
+    assert fields["release_calibrated_keep"]["release_keep_advantage_below"] == -2.3
+    assert fields["release_online_calibrated"]["rollout_truncation"] == "online"
+    assert fields["esr_45"]["supervision"] == "full" and fields["esr_45"]["max_completion_length"] == 45
+    assert fields["esr_45"]["max_flops"] == compare.BASELINE_FLOPS  # trained to full's compute on the same seed
+    assert fields["iw_opd"] == {"supervision": "iw_opd"}
     assert len(comparison.seeds) >= 3 and comparison.diagnostics.num_prompts >= 128
+    assert comparison.curves.every == 20 and comparison.curves.target_gain == 0.9
+    assert [s.num_problems for s in comparison.curve_sets] == [128]
     sets = comparison.evaluation.sets
-    assert [s.name for s in sets] == ["in_domain", "ood"] and comparison.evaluation.release_prefix
-    assert all(s.answer_type == "statement" and s.greedy and s.num_samples == 4 for s in sets)
+    assert [s.name for s in sets] == ["in_domain", "ood"]
+    assert all(s.answer_type == "statement" and s.greedy and s.num_samples == 2 for s in sets)
     assert sets[0].num_problems >= 256 and sets[1].dataset.endswith("running_sum_mod10_ood.jsonl")
     assert (ROOT / "trl_ltc" / "resources" / LAB.name).read_bytes() == LAB.read_bytes()
     assert (ROOT / "trl_ltc" / "resources" / "lab.yaml").read_bytes() == (ROOT / "configs" / "lab.yaml").read_bytes()
@@ -427,6 +438,7 @@ def test_median_release_needs_the_diagnostics(tmp_path, monkeypatch):
     monkeypatch.setattr(lab, "prepare_lab_pair", lambda **kwargs: ("teacher", "student"))
     raw = yaml.safe_load(LAB.read_text())
     raw.pop("diagnostics")
+    raw["policies"].append({"supervision": "fixed_prefix", "fixed_prefix_length": "median_release"})
     raw["recipe"] = str(ROOT / "configs" / "lab.yaml")
     config = tmp_path / "lab.yaml"
     config.write_text(yaml.safe_dump(raw))
@@ -441,7 +453,13 @@ def test_median_release_needs_the_diagnostics(tmp_path, monkeypatch):
 
 def test_lab_smoke_end_to_end(tmp_path):
     out = tmp_path / "lab"
-    argv = ["compare", "--config", str(LAB), "--smoke", "--seeds", "0", "--output_dir", str(out)]
+    raw = yaml.safe_load(LAB.read_text())  # the bench and the fixed prefix at the diagnostics' median release
+    raw["policies"].append({"supervision": "fixed_prefix", "fixed_prefix_length": "median_release"})
+    raw["recipe"] = str(ROOT / "configs" / "lab.yaml")
+    raw["evaluation"]["release_prefix"] = True
+    config = tmp_path / "lab.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    argv = ["compare", "--config", str(config), "--smoke", "--seeds", "0", "--output_dir", str(out)]
     assert cli.main([*argv, "--policies", "full,release,fixed_prefix-median_release"]) == 0
     collapse = json.loads((out / "diagnose" / "collapse.json").read_text())
     records = [json.loads(line) for line in (out / "diagnose" / "records.jsonl").read_text().splitlines()]
@@ -456,8 +474,95 @@ def test_lab_smoke_end_to_end(tmp_path):
         row = rows[name]
         assert 0 <= float(row["in_domain/accuracy_greedy"]) <= 1 and 0 <= float(row["ood/accuracy"]) <= 1
         assert float(row["reverse_kl_prefix"]) > 0 and float(row["tokens_trained"]) > 0
-    # full trains on every generated token; the fixed prefix on at most its length per completion (2 prompts)
-    assert float(rows["fixed_prefix-median_release"]["tokens_trained"]) <= 2 * collapse["median_release"]
+    # full trains on every generated token; the fixed prefix on at most its length per completion (2 prompts a step)
+    fixed = rows["fixed_prefix-median_release"]
+    assert float(fixed["tokens_trained"]) <= int(fixed["steps"]) * 2 * collapse["median_release"]
     assert float(rows["full"]["kept_token_frac"]) == 1.0
     markdown = (out / "results.md").read_text()
     assert "## Collapse diagnostics of the untrained student" in markdown and "in_domain greedy (%)" in markdown
+
+
+# --- Curves and matched compute -------------------------------------------------------------------------------------
+
+
+def test_lab_smoke_writes_curves_and_compute_columns(tmp_path):
+    out = tmp_path / "lab"
+    argv = ["compare", "--config", str(LAB), "--smoke", "--seeds", "0", "--output_dir", str(out)]
+    policies = "full,release_calibrated,release_online_calibrated,iw_opd,esr_45"
+    assert cli.main([*argv, "--policies", policies]) == 0
+    with open(out / "curves.csv", encoding="utf-8") as file:
+        curve = list(csv.DictReader(file))
+    names = policies.split(",")
+    assert {r["policy"] for r in curve} == set(names)
+    for name in names:
+        points = [r for r in curve if r["policy"] == name]
+        steps = [int(r["step"]) for r in points]
+        assert steps[0] == 0 and len(steps) >= 3 and steps == sorted(steps)  # step 0 and two checkpoints at least
+        flops = [float(r["flops"]) for r in points]
+        assert flops[0] == 0 and all(b > a for a, b in zip(flops, flops[1:]))  # cumulative
+        for row in points[1:]:
+            assert float(row["generated_tokens"]) > 0 and float(row["teacher_tokens"]) > 0
+            assert float(row["trained_tokens"]) > 0 and float(row["wall_seconds"]) > 0
+            assert 0 <= float(row["accuracy"]) <= 1 and float(row["reverse_kl"]) > 0
+    rows = {r["policy"]: r for r in _rows(out) if r["kind"] == "run"}
+    for name in names:
+        last = [r for r in curve if r["policy"] == name][-1]
+        assert float(rows[name]["flops"]) == pytest.approx(float(last["flops"]))
+        assert float(rows[name]["generated_tokens"]) == pytest.approx(float(last["generated_tokens"]))
+    # full reaches its own final compute with its own final curve accuracy.
+    full_last = [r for r in curve if r["policy"] == "full"][-1]
+    assert float(rows["full"]["accuracy_at_full_compute"]) == pytest.approx(float(full_last["accuracy"]))
+    # ESR's budget is full's final compute on the same seed.
+    esr = yaml.safe_load((out / "runs" / "esr_45__seed0" / "distill.yaml").read_text())
+    assert esr["max_flops"] == pytest.approx(float(rows["full"]["flops"]))
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## Matched compute" in (out / "results.md").read_text()
+
+
+def test_matched_compute_interpolates_along_the_curves():
+    from trl_ltc.compare.report import NOT_REACHED, first_reaching, matched_compute, value_at
+
+    assert value_at([(0, 0.0), (10, 1.0)], 2.5) == 0.25 and value_at([(0, 0.0), (10, 1.0)], 11) is None
+    assert first_reaching([(0, 0.1), (4, 0.3), (8, 0.5)], 0.4) == 6.0
+    assert first_reaching([(0, 0.1), (4, 0.3)], 0.4) is None
+
+    start = {"flops": 0.0, "accuracy": 0.1}
+
+    def run(policy, points):
+        curve = [{"step": i + 1, "flops": f, "accuracy": a} for i, (f, a) in enumerate(points)]
+        return {"policy": policy, "seed": 0, "curve": curve}
+
+    results = [
+        run("full", [(100.0, 0.3), (200.0, 0.5)]),  # gain 0.4: target 0.1 + 0.9 * 0.4 = 0.46
+        run("cheap", [(50.0, 0.4), (150.0, 0.6)]),  # ends before 200: not reached; 0.46 at 50 + 100 * 0.06 / 0.2
+        run("long", [(100.0, 0.2), (300.0, 0.4)]),  # at 200: 0.3; never 0.46
+    ]
+    matched = matched_compute(results, "full", start, 0.9)
+    assert matched[("full", 0)]["accuracy_at_full_compute"] == 0.5
+    assert matched[("full", 0)]["flops_to_target_gain"] == pytest.approx(100 + 100 * 0.16 / 0.2)
+    assert matched[("cheap", 0)]["accuracy_at_full_compute"] == NOT_REACHED
+    assert matched[("cheap", 0)]["flops_to_target_gain"] == pytest.approx(50 + 100 * 0.06 / 0.2)
+    assert matched[("long", 0)]["accuracy_at_full_compute"] == pytest.approx(0.3)
+    assert matched[("long", 0)]["flops_to_target_gain"] == NOT_REACHED
+
+
+@pytest.mark.parametrize(
+    ("curves", "message"),
+    [
+        ({"datasets": []}, r"curves.every: is missing"),
+        ({"every": 0}, r"curves.every: must be a positive integer"),
+        ({"every": 5, "target_gain": 1.5}, r"curves.target_gain: must be in \(0, 1\]"),
+        ({"every": 5, "often": 1}, r"curves: unknown keys \['often'\]"),
+        ({"every": 5, "datasets": [{"name": "x"}]}, r"curves.datasets\[0\]: has no `dataset`"),
+        ([5], r"curves: must be a mapping"),
+    ],
+)
+def test_bad_curves_name_the_field(tmp_path, curves, message):
+    with pytest.raises(CompareConfigError, match=message):
+        load_comparison(_config(tmp_path, curves=curves), output_dir=tmp_path / "out")
+
+
+def test_full_flops_needs_full_first(tmp_path):
+    policies = [{"supervision": "full", "max_completion_length": 4, "max_flops": "full_flops"}, "full"]
+    with pytest.raises(CompareConfigError, match="list a plain `full` policy before it"):
+        load_comparison(_config(tmp_path, policies=policies), output_dir=tmp_path / "out")

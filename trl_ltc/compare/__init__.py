@@ -51,21 +51,27 @@ Modules: `spec` (the config's dataclasses, constants and validation, `load_compa
 
 from .report import (  # noqa: F401 (re-exported)
     CSV_FIELDS,
+    CURVE_FIELDS,
+    NOT_REACHED,
     METRICS,
     PER_SET_FIELDS,
     Column,
     aggregate,
     collapse_markdown,
+    matched_compute,
     paired_differences,
+    plot_curves,
     plot_results,
     results_markdown,
     results_table,
     table_columns,
     write_csv,
+    write_curves_csv,
     write_results,
 )
 from .runner import (  # noqa: F401 (re-exported)
     COLLAPSE_KEYS,
+    CurveCallback,
     collapse_diagnostics,
     evaluate_target,
     run_comparison,
@@ -74,8 +80,10 @@ from .runner import (  # noqa: F401 (re-exported)
 )
 from .spec import (  # noqa: F401 (re-exported)
     BACKENDS,
+    BASELINE_FLOPS,
     COLLAPSE_FILE,
     CONFIG,
+    CURVES_KEYS,
     DIAGNOSE_DIR,
     DIAGNOSTICS_KEYS,
     EVALUATION_KEYS,
@@ -100,6 +108,7 @@ from .spec import (  # noqa: F401 (re-exported)
     TRAIN_FILE,
     CompareConfigError,
     Comparison,
+    Curves,
     Diagnostics,
     EvalSet,
     Evaluation,

@@ -52,6 +52,7 @@ METRICS = (
     Column("completion_length", "completion length"),
     Column("kept_token_frac", "kept tokens (%)", scale=100.0, training=True),
     Column("tokens_trained", "tokens trained (k)", scale=1e-3, training=True),
+    Column("flops", "compute (TFLOP)", scale=1e-12, digits=2, training=True),
     Column("seconds_per_step", "s/step", training=True),
 )
 
@@ -61,7 +62,7 @@ def table_columns(results: list[dict], set_names: list[str]) -> list[Column]:
     set (and one greedy accuracy column per set that has it) before the averages."""
     columns = []
     for column in METRICS:
-        if column.key in ("reverse_kl_prefix", "accuracy_greedy", "tokens_trained") and all(
+        if column.key in ("reverse_kl_prefix", "accuracy_greedy", "tokens_trained", "flops") and all(
             column.value(r) is None for r in results
         ):
             continue
@@ -235,14 +236,23 @@ def results_markdown(
 CSV_FIELDS = [
     "kind", "policy", "seed", "supervision", "fields", "reverse_kl", "reverse_kl_prefix", "accuracy",
     "accuracy_greedy", "accuracy_stderr", "completion_length", "truncated_frac", "kept_token_frac", "tokens_trained",
-    "seconds_per_step", "steps", "train_seconds", "eval_seconds",
+    "generated_tokens", "teacher_tokens", "trained_tokens", "flops", "accuracy_at_full_compute",
+    "flops_to_target_gain", "seconds_per_step", "steps", "train_seconds", "eval_seconds",
 ]  # fmt: skip
+COMPUTE_FIELDS = ("generated_tokens", "teacher_tokens", "trained_tokens", "flops")
+CURVE_FIELDS = [
+    "policy", "seed", "step", *COMPUTE_FIELDS, "wall_seconds", "accuracy", "accuracy_greedy", "reverse_kl",
+    "reverse_kl_prefix", "completion_length", "truncated_frac",
+]  # fmt: skip
+NOT_REACHED = "not reached"
 
 
 PER_SET_FIELDS = ("reverse_kl", "reverse_kl_prefix", "accuracy", "accuracy_greedy", "completion_length")
 
 
-def write_csv(results: list[dict], references: dict, set_names: list[str], path: Path) -> Path:
+def write_csv(
+    results: list[dict], references: dict, set_names: list[str], path: Path, matched: dict | None = None
+) -> Path:
     per_set = [f"{n}/{k}" for n in set_names for k in PER_SET_FIELDS]
     per_set = per_set if len(set_names) > 1 else []
     rows = []
@@ -256,6 +266,7 @@ def write_csv(results: list[dict], references: dict, set_names: list[str], path:
             "eval_seconds": r.get("eval_seconds"), "kept_token_frac": r.get("kept_token_frac"),
             "tokens_trained": r.get("tokens_trained"),
             "seconds_per_step": r.get("seconds_per_step"), **_flat(r, set_names),
+            **{k: r.get(k) for k in COMPUTE_FIELDS}, **(matched or {}).get((r["policy"], r["seed"]), {}),
         })  # fmt: skip
     with open(path, "w", newline="", encoding="utf-8") as file:
         writer = csv.DictWriter(file, fieldnames=CSV_FIELDS + per_set, extrasaction="ignore")
@@ -312,15 +323,188 @@ def plot_results(results: list[dict], references: dict, policies: list[str], pat
     return path
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Curves: quality against compute
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def curves_of(results: list[dict], start: dict | None) -> dict[tuple[str, int], list[dict]]:
+    """`{(policy, seed): points}`, each curve from step 0 (the untrained student, `start`) to its last step."""
+    return {
+        (r["policy"], r["seed"]): ([start] if start is not None else []) + list(r["curve"])
+        for r in results
+        if r.get("curve")
+    }
+
+
+def value_at(points: list[tuple[float, float]], x: float) -> float | None:
+    """Linear interpolation of a curve `[(x, y), ...]` (x non-decreasing) at `x`; None beyond its last point."""
+    if not points or x > points[-1][0] or x < points[0][0]:
+        return None
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y1 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return points[-1][1]
+
+
+def first_reaching(points: list[tuple[float, float]], target: float) -> float | None:
+    """The smallest x at which the curve, linearly interpolated, reaches `target` (y >= target); None if never."""
+    if points and points[0][1] >= target:
+        return points[0][0]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if y1 >= target > y0:
+            return x0 + (x1 - x0) * (target - y0) / (y1 - y0)
+    return None
+
+
+def matched_compute(
+    results: list[dict], baseline: str | None, start: dict | None, target_gain: float = 0.9, metric: str = "accuracy"
+) -> dict[tuple[str, int], dict]:
+    """Per (policy, seed), against the baseline run of the same seed, along the curves (`metric` on the curve sets):
+
+    - `accuracy_at_full_compute`: the policy's accuracy at the baseline's final flops, interpolated along its curve;
+      `"not reached"` when its curve ends before that compute.
+    - `flops_to_target_gain`: the flops at which its curve first reaches the untrained student's accuracy plus
+      `target_gain` of the baseline's final gain over it; `"not reached"` when it never does. Blank when the baseline
+      gained nothing.
+    """
+    curves = curves_of(results, start)
+    out = {}
+    for (policy, seed), points in curves.items():
+        base = curves.get((baseline, seed))
+        if base is None or start is None:
+            continue
+        xy = [(p["flops"], p[metric]) for p in points if p.get("flops") is not None and p.get(metric) is not None]
+        final_flops, final_value = base[-1].get("flops"), base[-1].get(metric)
+        row = {}
+        if final_flops is not None and xy:
+            at = value_at(xy, final_flops)
+            row["accuracy_at_full_compute"] = NOT_REACHED if at is None else at
+        gain = None if final_value is None or start.get(metric) is None else final_value - start[metric]
+        if gain is not None and gain > 0 and xy:
+            reached = first_reaching(xy, start[metric] + target_gain * gain)
+            row["flops_to_target_gain"] = NOT_REACHED if reached is None else reached
+        out[(policy, seed)] = row
+    return out
+
+
+def write_curves_csv(results: list[dict], start: dict | None, set_names: list[str], path: Path) -> Path:
+    per_set = [f"{n}/{k}" for n in set_names for k in PER_SET_FIELDS] if len(set_names) > 1 else []
+    rows = []
+    for (policy, seed), points in curves_of(results, start).items():
+        for point in points:
+            row = {"policy": policy, "seed": seed, **{k: point.get(k) for k in CURVE_FIELDS[2:]}}
+            for n in set_names if per_set else []:
+                for k in PER_SET_FIELDS:
+                    row[f"{n}/{k}"] = (point.get("eval") or {}).get(n, {}).get(k)
+            rows.append(row)
+    with open(path, "w", newline="", encoding="utf-8") as file:
+        writer = csv.DictWriter(file, fieldnames=CURVE_FIELDS + per_set, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def plot_curves(
+    results: list[dict], start: dict | None, policies: list[str], path: Path, metric: str = "accuracy"
+) -> Path:
+    """Accuracy against compute: per policy one thin line per seed and a thick line through the mean over seeds at
+    each checkpoint (mean flops, mean accuracy)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = curves_of(results, start)
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    colors = plt.get_cmap("tab10")
+    for i, policy in enumerate(policies):
+        seeds = [points for (p, _), points in curves.items() if p == policy]
+        if not seeds:
+            continue
+        color = colors(i % 10)
+        for points in seeds:
+            xs = [p["flops"] for p in points if p.get(metric) is not None]
+            ys = [100 * p[metric] for p in points if p.get(metric) is not None]
+            ax.plot(xs, ys, color=color, alpha=0.3, linewidth=0.8, marker=".", markersize=3)
+        length = min(len(points) for points in seeds)
+        mean_x = [statistics.fmean(points[j]["flops"] for points in seeds) for j in range(length)]
+        mean_y = [
+            100 * statistics.fmean(points[j][metric] for points in seeds if points[j].get(metric) is not None)
+            if any(points[j].get(metric) is not None for points in seeds) else math.nan
+            for j in range(length)
+        ]  # fmt: skip
+        ax.plot(mean_x, mean_y, color=color, linewidth=2, marker="o", markersize=4, label=f"{policy} ({len(seeds)})")
+    ax.set_xlabel("compute (estimated FLOPs: generation + teacher scoring + training)")
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_title("Quality against compute (mean over seeds; thin lines: seeds)", fontsize=10)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def matched_markdown(matched: dict, policies: list[str], baseline: str, target_gain: float) -> list[str]:
+    """The matched-compute section of results.md: mean ± std over seeds, and how many seeds got there."""
+
+    def summary(key: str, scale: float, digits: int) -> str:
+        values = [row.get(key) for (p, _), row in matched.items() if p == policy and key in row]
+        reached = [v for v in values if v != NOT_REACHED]
+        if not values:
+            return "–"
+        mean, std, n = aggregate(reached)
+        text = _cell(mean, std, scale, digits) if n else NOT_REACHED
+        return text if n == len(values) else f"{text} ({n}/{len(values)} seeds)"
+
+    lines = [
+        f"## Matched compute (against `{baseline}` on the same seed, along the curves)",
+        "",
+        f"| policy | accuracy (%) at `{baseline}`'s final compute | compute to reach {100 * target_gain:.0f}% of "
+        f"`{baseline}`'s accuracy gain (TFLOP) |",
+        "|---|---|---|",
+    ]
+    for policy in policies:
+        lines.append(f"| {policy} | {summary('accuracy_at_full_compute', 100.0, 1)} | "
+                     f"{summary('flops_to_target_gain', 1e-12, 2)} |")  # fmt: skip
+    lines += [
+        "",
+        f"Along each run's curve (its checkpoints on the curve sets, linearly interpolated in flops): its accuracy at "
+        f"the compute where `{baseline}` of the same seed ended (\"{NOT_REACHED}\": the run ended with less compute), "
+        f"and the compute at which it first reached the untrained student's accuracy plus {100 * target_gain:.0f}% of "
+        f"`{baseline}`'s final gain over it. Curves: `curves.csv`, `curves.png`.",
+    ]
+    return lines
+
+
 def write_results(
-    results: list[dict], references: dict, comparison: Comparison, collapse: dict | None = None
+    results: list[dict],
+    references: dict,
+    comparison: Comparison,
+    collapse: dict | None = None,
+    curve_start: dict | None = None,
 ) -> dict[str, Path]:
     out = comparison.output_dir
     policies = [p.name for p in comparison.policies]
     set_names = [s.name for s in comparison.evaluation.sets]
-    (out / "results.md").write_text(results_markdown(results, references, comparison, collapse))
-    return {
-        "results.csv": write_csv(results, references, set_names, out / "results.csv"),
+    baseline = _baseline(comparison.policies)
+    curves = comparison.curves
+    matched = {}
+    if curves is not None and baseline is not None:
+        matched = matched_compute(results, baseline, curve_start, curves.target_gain)
+    markdown = results_markdown(results, references, comparison, collapse)
+    if matched:
+        markdown += "\n" + "\n".join(matched_markdown(matched, policies, baseline, curves.target_gain)) + "\n"
+    (out / "results.md").write_text(markdown)
+    files = {
+        "results.csv": write_csv(results, references, set_names, out / "results.csv", matched),
         "results.md": out / "results.md",
         "results.png": plot_results(results, references, policies, out / "results.png"),
     }
+    if curves is not None:
+        curve_names = [s.name for s in comparison.curve_sets]
+        files["curves.csv"] = write_curves_csv(results, curve_start, curve_names, out / "curves.csv")
+        files["curves.png"] = plot_curves(results, curve_start, policies, out / "curves.png")
+    return files

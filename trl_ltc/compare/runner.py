@@ -13,10 +13,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 import yaml
+from transformers import TrainerCallback
 
 from ..reporting import format_duration, mean_train_metrics
 from .report import write_results
 from .spec import (
+    BASELINE_FLOPS,
     COLLAPSE_FILE,
     DIAGNOSE_DIR,
     MEDIAN_RELEASE,
@@ -64,15 +66,17 @@ def _recipe_args(path: Path):
     return recipe_args(yaml.safe_load(Path(path).read_text()))
 
 
-def train_run(run: Run, teacher=None) -> dict:
+def train_run(run: Run, teacher=None, problems=None) -> dict:
     """Train one run; save its model (or adapter) into `run.directory`; return its training summary.
 
     In-process (no `launcher`) the trainer shares `teacher`; with a launcher, `trl-ltc distill` runs in that
     subprocess (e.g. `accelerate launch` over several GPUs) and the summary is read from its `trainer_state.json`.
+    With `curves:` (in-process only) the student is evaluated along training (`CurveCallback`): `curve` in the
+    summary, and its evaluation time is left out of `train_seconds`.
     """
     recipe = run.directory / RECIPE_FILE
     launcher = run.comparison.launcher
-    start = time.perf_counter()
+    start, curve = time.perf_counter(), None
     if launcher:
         command = [*launcher, "-m", "trl_ltc.distill", "--config", str(recipe)]
         print("  $ " + shlex.join(command), flush=True)
@@ -85,9 +89,12 @@ def train_run(run: Run, teacher=None) -> dict:
         from ..distill import build_trainer
 
         trainer = build_trainer(*_recipe_args(recipe), teacher_model=teacher)
+        if run.comparison.curves is not None:
+            curve = CurveCallback(trainer, teacher, run.comparison, problems or _Problems(run.comparison.curve_sets))
+            trainer.add_callback(curve)
         train_start = time.perf_counter()
         trainer.train()
-        train_seconds = time.perf_counter() - train_start
+        train_seconds = time.perf_counter() - train_start - (curve.eval_seconds if curve else 0.0)
         trainer.save_model(str(run.directory))
         log_history, steps = trainer.state.log_history, trainer.state.global_step
         del trainer
@@ -100,14 +107,65 @@ def train_run(run: Run, teacher=None) -> dict:
         for log in log_history
         if "loss" in log and "rollout/generated_tokens" in log
     ]
+    compute = next((_compute_of(log) for log in reversed(log_history) if "compute/flops" in log), {})
     return {
         "steps": steps,
+        **compute,
+        **({"curve": curve.rows, "curve_seconds": round(curve.eval_seconds, 2)} if curve is not None else {}),
         "train_seconds": round(train_seconds, 2),
         "seconds_per_step": train_seconds / steps if steps else None,
         "kept_token_frac": kept,
         "tokens_trained": sum(trained) if trained else None,
         "train_metrics": metrics,
     }
+
+
+COMPUTE_KEYS = ("generated_tokens", "teacher_tokens", "trained_tokens", "flops")
+
+
+def _compute_of(log: dict) -> dict:
+    """`{generated_tokens, teacher_tokens, trained_tokens, flops}` of a log entry's `compute/*` counters."""
+    return {key: log[f"compute/{key}"] for key in COMPUTE_KEYS if f"compute/{key}" in log}
+
+
+class CurveCallback(TrainerCallback):
+    """Evaluates the training student every `curves.every` optimizer steps and at the last step, on the curve sets,
+    with the compute counters of that step and the training wall time so far (evaluation time left out). The global
+    random state is restored after each evaluation (`evaluate_model`), so the run trains as it would without curves.
+    Registered after the trainer's own `ComputeCallback`, so the counters are those of the step just done."""
+
+    def __init__(self, trainer, teacher, comparison: Comparison, problems):
+        self.trainer, self.teacher, self.comparison, self.problems = trainer, teacher, comparison, problems
+        self.rows, self.eval_seconds, self.start = [], 0.0, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        last = control.should_training_stop or state.global_step >= state.max_steps
+        if state.global_step % self.comparison.curves.every and not last:
+            return control
+        wall = time.perf_counter() - self.start - self.eval_seconds
+        eval_start = time.perf_counter()
+        model, trainer = self.trainer.model, self.trainer
+        training = model.training
+        model.eval()
+        try:
+            per_set = evaluate_target(
+                model, self.teacher, trainer.processing_class, self.comparison, self.problems,
+                sets=self.comparison.curve_sets, release_prefix=False,
+            )  # fmt: skip
+        finally:
+            model.train(training)
+        self.eval_seconds += time.perf_counter() - eval_start
+        compute = trainer.compute.metrics() if getattr(trainer, "compute", None) is not None else {}
+        self.rows.append({
+            "step": state.global_step, "wall_seconds": round(wall, 3), **_compute_of(compute),
+            **summarize_sets(per_set), "eval": per_set,
+        })  # fmt: skip
+        summary = summarize_sets(per_set)
+        print(f"    step {state.global_step}: {_headline(summary)}, {compute.get('compute/flops', 0):.3g} flops", flush=True)
+        return control
 
 
 def _model_dtype(comparison: Comparison):
@@ -150,18 +208,23 @@ class _Problems:
         return self._cache[eval_set.name]
 
 
-def evaluate_target(model, teacher, tokenizer, comparison: Comparison, problems, model_dir: str | None = None) -> dict:
+def evaluate_target(
+    model, teacher, tokenizer, comparison: Comparison, problems, model_dir: str | None = None, sets=None,
+    release_prefix: bool | None = None,
+) -> dict:
     """Metrics of one model on every evaluation set (`{set name: metrics}`), samples left out.
 
     `teacher=None` skips the KL (the teacher's own row, 0 by definition, is filled in by the caller). A set with
     `greedy: true` also gets `accuracy_greedy` (one greedy completion per problem); `evaluation.release_prefix` adds
-    `reverse_kl_prefix`, the KL on the tokens the release rule keeps of each sample.
+    `reverse_kl_prefix`, the KL on the tokens the release rule keeps of each sample. `sets` (default: the
+    evaluation's) and `release_prefix` (default: the evaluation's) serve the curves.
     """
     from ..evaluation import evaluate_model
 
     evaluation, results = comparison.evaluation, {}
-    release = release_settings(comparison.distill) if evaluation.release_prefix and teacher is not None else None
-    for eval_set in evaluation.sets:
+    prefix = evaluation.release_prefix if release_prefix is None else release_prefix
+    release = release_settings(comparison.distill) if prefix and teacher is not None else None
+    for eval_set in evaluation.sets if sets is None else sets:
         prompts, answers = problems(eval_set)
         rollouts = None
         if evaluation.backend == "vllm":
@@ -282,7 +345,10 @@ def run_comparison(comparison: Comparison) -> dict:
         comparison.resolved[MEDIAN_RELEASE] = collapse[MEDIAN_RELEASE]
     for run in runs:
         run.directory.mkdir(parents=True, exist_ok=True)
-        (run.directory / RECIPE_FILE).write_text(yaml.safe_dump(run.distill_fields(), sort_keys=False))
+        try:
+            (run.directory / RECIPE_FILE).write_text(yaml.safe_dump(run.distill_fields(), sort_keys=False))
+        except CompareConfigError:  # `max_flops: full_flops`: written once the seed's `full` run is done
+            pass
     problems = _Problems(comparison.evaluation.sets)
     start = time.perf_counter()
     eval_settings = _evaluation_settings(comparison.evaluation)
@@ -321,6 +387,11 @@ def run_comparison(comparison: Comparison) -> dict:
         path.write_text(json.dumps(references[name], indent=2) + "\n")
         print(f"  {REFERENCE_LABELS[name]}: {_headline(references[name])}", flush=True)
 
+    curve_problems = curve_start = None
+    if comparison.curves is not None:  # the curves' step 0: the untrained student on the curve sets
+        curve_problems = _Problems(comparison.curve_sets)
+        curve_start = _student_curve_point(comparison, models, curve_problems, references.get("student"))
+
     # Runs: train (unless train.json exists), evaluate (unless result.json exists).
     results, timed = [], []
     for index, run in enumerate(runs, 1):
@@ -330,6 +401,7 @@ def run_comparison(comparison: Comparison) -> dict:
         if stored is not None:
             _check_settings(stored["settings"], settings, result_path)
             results.append(stored)
+            _resolve_baseline_flops(run, stored)
             continue
         run_start = time.perf_counter()
         label = f"[{index}/{len(runs)}] {run.policy.name} seed {run.seed}"
@@ -338,9 +410,11 @@ def run_comparison(comparison: Comparison) -> dict:
             _check_settings(train["settings"], settings, train_path)
         else:
             print(f"{label}: training ({json.dumps(run.policy.fields)}) ...", flush=True)
+            (run.directory / RECIPE_FILE).write_text(yaml.safe_dump(run.distill_fields(), sort_keys=False))
             teacher = None if comparison.launcher else models.teacher()
-            train = {"settings": settings, **train_run(run, teacher)}
+            train = {"settings": settings, **train_run(run, teacher, curve_problems)}
             train_path.write_text(json.dumps(train, indent=2, default=str) + "\n")
+        _resolve_baseline_flops(run, train)
         print(f"{label}: evaluating ...", flush=True)
         result = {
             "policy": run.policy.name,
@@ -362,8 +436,43 @@ def run_comparison(comparison: Comparison) -> dict:
         eta = f"; about {format_duration(statistics.fmean(timed) * left)} left" if left else ""
         elapsed = format_duration(time.perf_counter() - start)
         print(f"{label}: {_headline(result)} ({format_duration(timed[-1])}; elapsed {elapsed}{eta})", flush=True)
-    files = write_results(results, references, comparison, collapse)
+    files = write_results(results, references, comparison, collapse, curve_start)
     return {"runs": results, "references": references, "files": files, "collapse": collapse}
+
+
+def _resolve_baseline_flops(run: Run, train: dict) -> None:
+    """After the baseline (`full`) run of a seed: its final flops, for `max_flops: full_flops` of the same seed."""
+    if run.policy.fields == {"supervision": "full"} and train.get("flops") is not None:
+        run.comparison.resolved.setdefault((BASELINE_FLOPS, run.seed), train["flops"])
+
+
+def _student_curve_point(comparison: Comparison, models: _Models, problems, student_reference) -> dict:
+    """Step 0 of every curve: the untrained student on the curve sets, zero compute (stored, resumable)."""
+    eval_settings = _evaluation_settings(comparison.evaluation)
+    sets = [asdict(s) for s in comparison.curve_sets]
+    if comparison.curves.sets is None and student_reference is not None:
+        per_set = student_reference["eval"]
+    else:
+        path = comparison.output_dir / "reference" / "student_curve.json"
+        settings = {"model": comparison.student, "evaluation": eval_settings, "sets": sets}
+        stored = _read_json(path)
+        if stored is not None:
+            _check_settings(stored["settings"], settings, path)
+            per_set = stored["eval"]
+        else:
+            from ..evaluation import load_for_evaluation
+
+            print("Evaluating the untrained student on the curve sets (step 0) ...", flush=True)
+            device, dtype = _model_dtype(comparison)
+            student, tokenizer = load_for_evaluation(comparison.student, dtype=dtype, device=device)
+            per_set = evaluate_target(
+                student, models.teacher(), tokenizer, comparison, problems, comparison.student,
+                sets=comparison.curve_sets, release_prefix=False,
+            )  # fmt: skip
+            del student
+            path.write_text(json.dumps({"settings": settings, "eval": per_set}, indent=2) + "\n")
+    zero = dict.fromkeys(COMPUTE_KEYS, 0.0)
+    return {"step": 0, "wall_seconds": 0.0, **zero, **summarize_sets(per_set), "eval": per_set}
 
 
 def _tokenizer(path: str):

@@ -29,11 +29,15 @@ TOP_LEVEL_KEYS = (
     "output_dir",
     "keep_models",
     "diagnostics",
+    "curves",
 )
 EVALUATION_KEYS = (
     "max_new_tokens", "temperature", "batch_size", "seed", "backend", "vllm", "datasets", "release_prefix",
 )  # fmt: skip
 DIAGNOSTICS_KEYS = ("num_prompts", "batch_size", "seed")
+CURVES_KEYS = ("every", "datasets", "target_gain")
+# A `max_flops` value resolved to the final `compute/flops` of the baseline policy (`full`) on the same seed.
+BASELINE_FLOPS = "full_flops"
 # A policy value resolved from the collapse diagnostics of the untrained student (`diagnostics:`).
 MEDIAN_RELEASE = "median_release"
 # Fields a policy may not set: they are what the harness itself varies or places.
@@ -79,6 +83,8 @@ SMOKE_EVAL_SET |= {"answer_column": "answer", "prompt_as_chat": False, "answer_t
 SMOKE_LAB_DISTILL = {"max_completion_length": 24, "segmentation": "newline"}
 SMOKE_LAB_EVAL_SET = {"num_problems": 4, "num_samples": 2}
 SMOKE_DIAGNOSTICS = {"num_prompts": 4, "batch_size": 4}
+# `--smoke` with `curves:`: two steps per run, a curve point after each.
+SMOKE_CURVES_STEPS, SMOKE_CURVES_EVERY = 2, 1
 # `preset: lab` without `evaluation.datasets`: the in-domain held-out split and the longer-chain one.
 LAB_EVAL_SETS = [
     {"name": "in_domain", "dataset": "lab:test", "num_problems": 256, "num_samples": 4, "greedy": True},
@@ -144,6 +150,17 @@ class Diagnostics:
 
 
 @dataclass
+class Curves:
+    """Evaluation at checkpoints along training (`curves:`): every `every` optimizer steps and at the last one, on
+    `sets` (default: the evaluation's; a smaller set keeps the budget), plus the untrained student at step 0.
+    `target_gain`: the matched-compute column "compute to reach this share of `full`'s accuracy gain"."""
+
+    every: int
+    sets: list[EvalSet] | None = None
+    target_gain: float = 0.9
+
+
+@dataclass
 class Comparison:
     """A resolved comparison: the merged distill recipe, the policies, the seeds, the evaluation, where it goes."""
 
@@ -157,6 +174,11 @@ class Comparison:
     source: str = ""
     diagnostics: Diagnostics | None = None
     resolved: dict = field(default_factory=dict)  # `median_release` once the diagnostics have run
+    curves: Curves | None = None
+
+    @property
+    def curve_sets(self) -> list[EvalSet]:
+        return (self.curves.sets if self.curves is not None else None) or self.evaluation.sets
 
     @property
     def student(self) -> str:
@@ -199,6 +221,14 @@ class Run:
                         "diagnostics of the untrained student must run first."
                     )
                 fields[key] = resolved
+            elif key == "max_flops" and value == BASELINE_FLOPS:
+                resolved = self.comparison.resolved.get((BASELINE_FLOPS, self.seed), placeholder)
+                if resolved is None:
+                    raise CompareConfigError(
+                        f"policy {self.policy.name!r}: `max_flops: {BASELINE_FLOPS}` needs the `full` run of seed "
+                        f"{self.seed} first: list `full` before it in `policies`."
+                    )
+                fields[key] = float(resolved)
         fields["seed"] = self.seed
         if "release_seed" not in self.policy.fields:
             fields["release_seed"] = self.seed
@@ -209,7 +239,10 @@ class Run:
     def settings(self) -> dict:
         """What the result depends on (stored with it, compared on resume)."""
         fields = {k: v for k, v in self.distill_fields().items() if k not in PLACEMENT_FIELDS}
-        return {"distill": fields, "evaluation": _evaluation_settings(self.comparison.evaluation)}
+        settings = {"distill": fields, "evaluation": _evaluation_settings(self.comparison.evaluation)}
+        if self.comparison.curves is not None:
+            settings["curves"] = json.loads(json.dumps(asdict(self.comparison.curves)))
+        return settings
 
 
 def _evaluation_settings(evaluation: Evaluation) -> dict:
@@ -305,16 +338,15 @@ def parse_seeds(value, where: str = "seeds") -> list[int]:
     return list(value)
 
 
-def _eval_sets(raw, preset: str | None) -> list[EvalSet]:
+def _eval_sets(raw, preset: str | None, where: str = "evaluation.datasets") -> list[EvalSet]:
+    top = where
     if raw is None:
         raw = LAB_EVAL_SETS if preset == "lab" else [{"name": "math"}] if preset else None
     if not isinstance(raw, list) or not raw:
-        _fail(
-            "evaluation.datasets", "must be a non-empty list of held-out sets ({name, dataset, answer_column, ...})."
-        )
+        _fail(top, "must be a non-empty list of held-out sets ({name, dataset, answer_column, ...}).")
     sets, known = [], {f.name for f in EvalSet.__dataclass_fields__.values()}
     for index, entry in enumerate(raw):
-        where = f"evaluation.datasets[{index}]"
+        where = f"{top}[{index}]"
         if not isinstance(entry, dict):
             _fail(where, f"must be a mapping with at least `dataset`; got {entry!r}.")
         unknown = set(entry) - known
@@ -339,7 +371,7 @@ def _eval_sets(raw, preset: str | None) -> list[EvalSet]:
         sets.append(eval_set)
     names = [s.name for s in sets]
     if len(set(names)) != len(names):
-        _fail("evaluation.datasets", f"names must differ; got {names}.")
+        _fail(top, f"names must differ; got {names}.")
     return sets
 
 
@@ -363,6 +395,34 @@ def _diagnostics(raw, smoke: bool) -> Diagnostics | None:
     _positive_int("diagnostics.num_prompts", diagnostics.num_prompts)
     _positive_int("diagnostics.batch_size", diagnostics.batch_size)
     return diagnostics
+
+
+def _curves(raw, preset: str | None, smoke: bool) -> Curves | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        _fail("curves", f"must be a mapping ({', '.join(CURVES_KEYS)}); got {raw!r}.")
+    unknown = set(raw) - set(CURVES_KEYS)
+    if unknown:
+        _fail("curves", f"unknown keys {sorted(unknown)}; allowed: {', '.join(CURVES_KEYS)}.")
+    if "every" not in raw:
+        _fail("curves.every", "is missing: evaluate every how many optimizer steps, e.g. `curves: {every: 20}`.")
+    every = _positive_int("curves.every", raw["every"])
+    target = raw.get("target_gain", 0.9)
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
+        _fail("curves.target_gain", f"must be in (0, 1], a share of `full`'s accuracy gain; got {target!r}.")
+    sets = None
+    if raw.get("datasets") is not None:
+        sets = _eval_sets(raw["datasets"], preset, where="curves.datasets")
+    if smoke:
+        every = SMOKE_CURVES_EVERY
+        if sets is not None:
+            if preset == "lab":
+                sets = [EvalSet(**{**asdict(s), **SMOKE_LAB_EVAL_SET}) for s in sets]
+            else:
+                test = embedded.quickstart_dataset_path("test")
+                sets = [EvalSet(**{**asdict(s), **SMOKE_EVAL_SET, "dataset": test}) for s in sets]
+    return Curves(every=every, sets=sets, target_gain=float(target))
 
 
 def _load_yaml(path: Path, what: str) -> dict:
@@ -507,7 +567,25 @@ def load_comparison(
         keep_models=bool(raw.get("keep_models", True)),
         source=str(path),
         diagnostics=_diagnostics(raw.get("diagnostics"), smoke),
+        curves=_curves(raw.get("curves"), preset or ("quickstart" if smoke else None), smoke),
     )
+    if smoke:  # one or two steps per run, whatever a policy asks for
+        for policy in policy_list:
+            policy.fields.pop("max_steps", None)
+    if comparison.curves is not None:
+        if comparison.launcher:
+            _fail("curves", "evaluates the student while it trains, in this process: remove `launcher` (or `curves`).")
+        if smoke:
+            distill["max_steps"] = SMOKE_CURVES_STEPS
+    for policy in policy_list:
+        if policy.fields.get("max_flops") == BASELINE_FLOPS:
+            baseline = [p.name for p in policy_list if p.fields == {"supervision": "full"}]
+            if not baseline or policy_list.index(policy) < [p.name for p in policy_list].index(baseline[0]):
+                _fail(
+                    f"policy {policy.name!r}",
+                    f"`max_flops: {BASELINE_FLOPS}` takes the final compute of the `full` run on the same seed: "
+                    "list a plain `full` policy before it.",
+                )
     if comparison.diagnostics is None:
         for policy in policy_list:
             if MEDIAN_RELEASE in policy.fields.values():
