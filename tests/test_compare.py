@@ -499,7 +499,7 @@ def test_lab_smoke_writes_curves_and_compute_columns(tmp_path):
         steps = [int(r["step"]) for r in points]
         assert steps[0] == 0 and len(steps) >= 3 and steps == sorted(steps)  # step 0 and two checkpoints at least
         flops = [float(r["flops"]) for r in points]
-        assert flops[0] == 0 and all(b > a for a, b in zip(flops, flops[1:]))  # cumulative
+        assert flops[0] == 0 and flops == sorted(set(flops))  # cumulative
         for row in points[1:]:
             assert float(row["generated_tokens"]) > 0 and float(row["teacher_tokens"]) > 0
             assert float(row["trained_tokens"]) > 0 and float(row["wall_seconds"]) > 0

@@ -139,10 +139,10 @@ class _FakeTrainer:
 
 def test_online_truncation_generates_no_more_than_offline_release(tmp_path):
     """Greedy rollouts: the online blocks generate prefixes of the offline completions (the same first step)."""
-    common = dict(
-        max_steps=1, save_strategy="no", supervision="release", max_completion_length=16,
-        generation_kwargs={"do_sample": False}, segmentation="fixed", segment_window=2,
-    )  # fmt: skip
+    common = {
+        "max_steps": 1, "save_strategy": "no", "supervision": "release", "max_completion_length": 16,
+        "generation_kwargs": {"do_sample": False}, "segmentation": "fixed", "segment_window": 2,
+    }  # fmt: skip
     offline = build_trainer(str(tmp_path / "offline"), **common)
     offline.train()
     online = build_trainer(

@@ -170,7 +170,7 @@ class ComputeCallback(TrainerCallback):
         accelerator = self.trainer.accelerator
         local = torch.tensor([self.local[n] for n in _TALLIES], dtype=torch.float64, device=accelerator.device)
         summed = accelerator.gather(local[None]).sum(0).tolist() if accelerator.num_processes > 1 else local.tolist()
-        return {n: self.base[n] + int(round(v)) for n, v in zip(_TALLIES, summed)}
+        return {n: self.base[n] + round(v) for n, v in zip(_TALLIES, summed)}
 
     # --- Resume ---------------------------------------------------------------------------------------------------
 

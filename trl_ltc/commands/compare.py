@@ -62,7 +62,8 @@ def build_parser(prog: str = "trl-ltc compare") -> CommandParser:
         prog=prog,
         description="Train one student per (supervision policy, seed) from the same initial student with the same "
         "prompts, order and seeds, evaluate each on held-out problems (reverse KL to the teacher, answer accuracy, "
-        "completion length), and write results.csv, results.md and results.png. Finished runs are not redone. "
+        "completion length), and write results.csv, results.md and results.png (with `curves:`, also curves.csv and "
+        "curves.png: accuracy against compute along training). Finished runs are not redone. "
         f"`--config FILE.yaml`: the comparison config (default: the quickstart comparison, {recipe_path()}); a "
         "`trl-ltc distill` recipe is used as the `recipe:` of a comparison of the `full` and `release` policies "
         "(seed 0) evaluated on its `dataset_test_split` (written to OUTPUT_DIR/comparison.yaml), and refused with "

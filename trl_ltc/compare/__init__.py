@@ -21,6 +21,7 @@ Output (`output_dir`):
     results.csv               one row per run and per reference
     results.md                mean +- std over seeds per policy, best in bold, reference rows, paired differences
     results.png               each metric by policy, one point per seed, reference lines
+    curves.csv, curves.png    with `curves:`: each run evaluated along training, accuracy against compute (flops)
 
 Runs resume: a run with `train.json` is not retrained, one with `result.json` not re-evaluated. Stored settings are
 compared with the config's; a run made with other settings is an error (use another `--output_dir`), never silently
@@ -41,6 +42,7 @@ Config (YAML; `configs/compare_quickstart.yaml` and `configs/compare_qwen3.yaml`
     evaluation:                 # max_new_tokens, temperature (default: the runs'), batch_size, seed, backend, vllm
       datasets:                 # name, dataset, split, config, prompt_column, answer_column, prompt_as_chat,
         - {name: math, num_problems: 32, num_samples: 1}    # prompt_template, answer_type, num_problems, num_samples
+    curves: {every: 20}         # evaluate along training (optional `datasets`, `target_gain`): matched compute
     output_dir: runs/compare_quickstart
 
 Modules: `spec` (the config's dataclasses, constants and validation, `load_comparison`), `runner` (`train_run`,
@@ -52,8 +54,8 @@ Modules: `spec` (the config's dataclasses, constants and validation, `load_compa
 from .report import (  # noqa: F401 (re-exported)
     CSV_FIELDS,
     CURVE_FIELDS,
-    NOT_REACHED,
     METRICS,
+    NOT_REACHED,
     PER_SET_FIELDS,
     Column,
     aggregate,

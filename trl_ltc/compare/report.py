@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import statistics
@@ -341,7 +342,7 @@ def value_at(points: list[tuple[float, float]], x: float) -> float | None:
     """Linear interpolation of a curve `[(x, y), ...]` (x non-decreasing) at `x`; None beyond its last point."""
     if not points or x > points[-1][0] or x < points[0][0]:
         return None
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
         if x0 <= x <= x1:
             return y1 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     return points[-1][1]
@@ -351,7 +352,7 @@ def first_reaching(points: list[tuple[float, float]], target: float) -> float | 
     """The smallest x at which the curve, linearly interpolated, reaches `target` (y >= target); None if never."""
     if points and points[0][1] >= target:
         return points[0][0]
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
         if y1 >= target > y0:
             return x0 + (x1 - x0) * (target - y0) / (y1 - y0)
     return None
@@ -459,23 +460,26 @@ def matched_markdown(matched: dict, policies: list[str], baseline: str, target_g
         text = _cell(mean, std, scale, digits) if n else NOT_REACHED
         return text if n == len(values) else f"{text} ({n}/{len(values)} seeds)"
 
+    header = (
+        f"| policy | accuracy (%) at `{baseline}`'s final compute | compute to reach {100 * target_gain:.0f}% of "
+        f"`{baseline}`'s accuracy gain (TFLOP) |"
+    )
     lines = [
         f"## Matched compute (against `{baseline}` on the same seed, along the curves)",
         "",
-        f"| policy | accuracy (%) at `{baseline}`'s final compute | compute to reach {100 * target_gain:.0f}% of "
-        f"`{baseline}`'s accuracy gain (TFLOP) |",
+        header,
         "|---|---|---|",
     ]
     for policy in policies:
         lines.append(f"| {policy} | {summary('accuracy_at_full_compute', 100.0, 1)} | "
                      f"{summary('flops_to_target_gain', 1e-12, 2)} |")  # fmt: skip
-    lines += [
-        "",
+    note = (
         f"Along each run's curve (its checkpoints on the curve sets, linearly interpolated in flops): its accuracy at "
-        f"the compute where `{baseline}` of the same seed ended (\"{NOT_REACHED}\": the run ended with less compute), "
+        f'the compute where `{baseline}` of the same seed ended ("{NOT_REACHED}": the run ended with less compute), '
         f"and the compute at which it first reached the untrained student's accuracy plus {100 * target_gain:.0f}% of "
-        f"`{baseline}`'s final gain over it. Curves: `curves.csv`, `curves.png`.",
-    ]
+        f"`{baseline}`'s final gain over it. Curves: `curves.csv`, `curves.png`."
+    )
+    lines += ["", note]
     return lines
 
 

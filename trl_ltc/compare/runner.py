@@ -164,7 +164,10 @@ class CurveCallback(TrainerCallback):
             **summarize_sets(per_set), "eval": per_set,
         })  # fmt: skip
         summary = summarize_sets(per_set)
-        print(f"    step {state.global_step}: {_headline(summary)}, {compute.get('compute/flops', 0):.3g} flops", flush=True)
+        print(
+            f"    step {state.global_step}: {_headline(summary)}, {compute.get('compute/flops', 0):.3g} flops",
+            flush=True,
+        )
         return control
 
 
@@ -209,7 +212,13 @@ class _Problems:
 
 
 def evaluate_target(
-    model, teacher, tokenizer, comparison: Comparison, problems, model_dir: str | None = None, sets=None,
+    model,
+    teacher,
+    tokenizer,
+    comparison: Comparison,
+    problems,
+    model_dir: str | None = None,
+    sets=None,
     release_prefix: bool | None = None,
 ) -> dict:
     """Metrics of one model on every evaluation set (`{set name: metrics}`), samples left out.
