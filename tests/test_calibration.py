@@ -118,9 +118,10 @@ def test_bad_arguments():
 
 
 def test_looks_and_spending():
-    assert online_looks(3, 30) == [5, 8, 12, 18, 27]
-    assert online_looks(10, 30) == [10, 15, 22]
-    assert online_looks(3, 5) == []
+    assert online_looks(3, 30, 0.05) == [7, 11, 17, 26]  # C(7, 3) = 35 >= 1 / look_alpha(0.05, 1) = 32.9
+    assert online_looks(3, 30, 0.2) == [5, 8, 12, 18, 27]  # C(5, 2) = 10 >= 1 / look_alpha(0.2, 1) = 8.2
+    assert online_looks(10, 30, 0.05) == [10, 15, 23]
+    assert online_looks(3, 7, 0.05) == []
     assert sum(look_alpha(0.05, j) for j in range(1, 100_000)) <= 0.05
     assert look_alpha(0.05, 1) == pytest.approx(0.05 * 6 / math.pi**2)
 
@@ -144,8 +145,8 @@ def test_online_still_stops_soon_after_a_clear_drop():
     scores = level + 0.3 * torch.randn(32, 40, generator=g)
     counts = torch.full((32,), 40)
     decision = online_release(scores, counts, 3, 2, alpha=0.05, generator=torch.Generator().manual_seed(0))
-    # looks at 5, 8, 12, 18: the drop after segment 8 is stopped at the look of 12 or, at the latest, of 18 segments
-    assert ((decision.stop_segment == 12) | (decision.stop_segment == 18)).all()
+    # looks at 7, 11, 17: the drop after segment 8 is stopped at the look of 11 or, at the latest, of 17 segments
+    assert ((decision.stop_segment == 11) | (decision.stop_segment == 17)).all()
     assert (decision.release_segment - 8).abs().max() <= 1
 
 

@@ -33,6 +33,7 @@ EXPECTED = {
     "random_release": {"needs_margin", "needs_segments", "needs_global_permutation"},
     "adv_std_release": {"needs_segments", "needs_advantage_std"},
     "token_teachability": {"needs_teachability_features"},
+    "iw_opd": set(),
 }
 
 

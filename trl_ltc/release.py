@@ -55,7 +55,6 @@ _BIC_EPS = 1e-12  # the `+ 1e-12` inside the BIC's log (formula 6)
 _TIE_RTOL = 1e-10  # candidate RSS within this fraction of the row's sum of squares count as tied
 _MIN_KEPT_MASS = 1e-8  # denominator floor of the mass-preserving rescale (formula 7)
 
-_FIRST_CALIBRATED_LOOK = 5  # the calibrated online rule's first look (`online_looks`)
 DEFAULT_PERMUTATIONS = 199
 """Shuffles per trajectory of [`permutation_change_point`]: p-values on a grid of 1/200, so `alpha=0.05` is 10 of
 200, and the Monte-Carlo error of a p-value near 0.05 is about 0.015 (see `benchmarks/calibration.py`)."""
@@ -450,17 +449,22 @@ class OnlineRelease(NamedTuple):
     """`[B]` long: segments kept (`tau` of the stop; the offline change point when it never stopped)."""
 
 
-def online_looks(min_segments: int, max_segments: int) -> list[int]:
+def online_looks(min_segments: int, max_segments: int, alpha: float) -> list[int]:
     """The segment counts at which the calibrated online rule looks (formula 10): a geometric grid.
 
-    `n_1 = max(min_segments, 5)` (fewer than 5 exchangeable scores have too few orders for a p-value to reach a
-    small level), then `n_{j+1} = max(n_j + 1, round(1.5 * n_j))`: 5, 8, 12, 18, 27, 40, 60, ... up to
-    `max_segments - 1`. A look at every segment would split `alpha` over many more tests for little gain in delay.
+    The first look is the smallest `n >= min_segments` at which a perfectly separated drop can be significant at
+    the first look's level: `C(n, n // 2) * look_alpha(alpha, 1) >= 1` (a permutation test on `n` scores cannot give
+    a p-value below `1 / C(n, tau)`; for `alpha = 0.05` that is `n = 7`). Then `n_{j+1} = ceil(1.5 * n_j)`:
+    7, 11, 17, 26, 39, ... up to `max_segments - 1`. A look at every segment would split `alpha` over many more
+    tests for little gain in delay.
     """
-    looks, n = [], max(min_segments, _FIRST_CALIBRATED_LOOK)
+    n = max(min_segments, 2)
+    while math.comb(n, n // 2) * look_alpha(alpha, 1) < 1:
+        n += 1
+    looks = []
     while n < max_segments:
         looks.append(n)
-        n = max(n + 1, round(1.5 * n))
+        n = math.ceil(1.5 * n)
     return looks
 
 
@@ -491,7 +495,7 @@ def online_release(
 
     **Calibrated** (`alpha` set): every look is another chance of a false stop (formula 6 alone stops most
     trajectories of pure noise once it looks often enough), so the looks are few and the level is spent across them.
-    The rule looks only at the `n` of [`online_looks`] (5, 8, 12, 18, 27, ...); the `j`-th look is a permutation
+    The rule looks only at the `n` of [`online_looks`] (7, 11, 17, 26, ... for `alpha=0.05`); the `j`-th look is a permutation
     test ([`permutation_change_point`]) at level `alpha_j = alpha * 6 / (pi^2 j^2)` ([`look_alpha`]) with
     `max(num_permutations, ceil(4 / alpha_j))` shuffles, so that a small level can still be reached. The
     `alpha_j` sum to `alpha` however long the trajectory, so by the union bound a trajectory of exchangeable
@@ -563,7 +567,7 @@ def _calibrated_online_release(
     offline = permutation_change_point(scores, n, alpha, num_permutations, generator).release_segment
     stop_segment, release_segment = n.clone(), offline
     pending = torch.ones_like(n, dtype=torch.bool)
-    for look, prefix in enumerate(online_looks(min_segments, scores.shape[1]), start=1):
+    for look, prefix in enumerate(online_looks(min_segments, scores.shape[1], alpha), start=1):
         level = look_alpha(alpha, look)
         draws = max(num_permutations, math.ceil(4.0 / level))
         keys = torch.rand(1, draws, prefix, generator=torch.Generator().manual_seed(base * 1009 + look),
