@@ -13,13 +13,23 @@ whose layers need it. It relies on these private names, pinned by `tests/test_ho
 - TRL: `VLLMGeneration.sync_weights`, `VLLMGeneration._iter_named_params` (the trained weights under vLLM's names,
   PEFT adapters merged, FSDP/ZeRO-3 parameters gathered), `VLLMGeneration.llm`, `.mode`, `.enable_sleep_mode`;
 - vLLM: `LLM.llm_engine.model_executor.driver_worker.model_runner` (`reload_weights`, `get_model`).
+
+Which layers are repacked depends on the dtype and the CPU: on x86 every float32 linear layer, bfloat16 ones only on
+CPUs with AVX512-BF16 or AMX. TRL creates the colocated engine without a dtype, so vLLM runs a float32 checkpoint in
+bfloat16; `colocated_engine_dtype("float32")` around the trainer's construction runs it in float32 instead (through
+the module-level name `trl.generation.vllm_generation.LLM`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 
-__all__ = ["RELOAD_WEIGHTS", "SYNC_WEIGHTS", "WEIGHTS_ITERATOR", "adapt_weight_sync", "needs_reload_sync"]
+__all__ = [
+    "RELOAD_WEIGHTS", "SYNC_WEIGHTS", "WEIGHTS_ITERATOR", "adapt_weight_sync", "colocated_engine_dtype",
+    "needs_reload_sync",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -36,15 +46,14 @@ def _model_runner(llm):
 
 
 def needs_reload_sync(llm) -> bool:
-    """Whether `llm`'s layers cannot take TRL's in-place `load_weights`: a parameter of one of its linear layers has
-    lost its `weight_loader` (vLLM's CPU build repacks them after loading). False on GPU builds."""
-    from vllm.model_executor.layers.linear import LinearBase
-
+    """Whether `llm`'s layers cannot take TRL's in-place `load_weights`: a layer that loads through its
+    `weight_loader` holds a parameter without one (vLLM's CPU build repacks linear layers after loading). False on
+    GPU builds, where every such parameter keeps its loader."""
     model = _model_runner(llm).get_model()
     return any(
         not hasattr(parameter, "weight_loader")
         for module in model.modules()
-        if isinstance(module, LinearBase)
+        if callable(getattr(module, "weight_loader", None))
         for parameter in module.parameters(recurse=False)
     )
 
@@ -88,3 +97,20 @@ def adapt_weight_sync(trainer) -> bool:
     setattr(generation, SYNC_WEIGHTS, sync_weights)
     logger.info("vLLM colocate: the engine's layers are repacked (CPU build); weights are synced with reload_weights.")
     return True
+
+
+@contextlib.contextmanager
+def colocated_engine_dtype(dtype: str):
+    """While active, TRL's colocated vLLM engine is created with `dtype` (e.g. `"float32"`).
+
+    TRL 1.16 passes no dtype to `vllm.LLM`, and vLLM runs a float32 checkpoint in bfloat16. Wrap the trainer's
+    construction: `with colocated_engine_dtype("float32"): trainer = TeachabilityGKDTrainer(...)`.
+    """
+    import trl.generation.vllm_generation as module
+
+    original = module.LLM
+    module.LLM = functools.partial(original, dtype=dtype)
+    try:
+        yield
+    finally:
+        module.LLM = original
