@@ -166,9 +166,6 @@ class TeachabilityGKDTrainer(DistillationTrainer):
         if self.use_vllm:  # vLLM's CPU build repacks its layers: TRL's colocated weight sync needs another call
             from .vllm_compat import adapt_weight_sync
             adapt_weight_sync(self)
-        if self.use_vllm:  # vLLM's CPU build repacks its layers: TRL's colocated weight sync needs another call
-            from .vllm_compat import adapt_weight_sync
-            adapt_weight_sync(self)
         self.teacher_server = TeacherServer.for_trainer(self) if served else None
         self._online_rollout: OnlineRollout | None = None
         self._skip_teacher_forward = False  # set by `_compute_loss` while the loss uses an online rollout's scores
