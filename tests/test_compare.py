@@ -566,3 +566,24 @@ def test_full_flops_needs_full_first(tmp_path):
     policies = [{"supervision": "full", "max_completion_length": 4, "max_flops": "full_flops"}, "full"]
     with pytest.raises(CompareConfigError, match="list a plain `full` policy before it"):
         load_comparison(_config(tmp_path, policies=policies), output_dir=tmp_path / "out")
+
+
+def test_workers_split_the_policies_and_keep_full_with_its_dependents(monkeypatch):
+    monkeypatch.setattr(lab, "prepare_lab_pair", lambda **kwargs: ("teacher", "student"))
+    comparison = load_comparison(LAB, output_dir="/nonexistent/never-written")
+    names = [p.name for p in comparison.policies]
+    for workers in (1, 2, 3, 20):
+        groups = runner.worker_groups(comparison, workers)
+        assert sorted(n for g in groups for n in g) == sorted(names) and len(groups) <= workers
+        assert any({"full", "esr_45"} <= set(g) for g in groups)
+        assert max(map(len, groups)) - min(map(len, groups)) <= 1 or workers >= len(names)
+
+
+def test_parallel_workers_write_the_same_tables(tmp_path):
+    out = tmp_path / "lab"
+    argv = ["compare", "--config", str(LAB), "--smoke", "--seeds", "0", "--output_dir", str(out), "--workers", "2"]
+    assert cli.main([*argv, "--policies", "full,esr_45,iw_opd"]) == 0
+    assert (out / "worker0.log").is_file() and (out / "worker1.log").is_file()
+    with open(out / "curves.csv", encoding="utf-8") as file:
+        assert {r["policy"] for r in csv.DictReader(file)} == {"full", "esr_45", "iw_opd"}
+    assert {r["policy"] for r in _rows(out) if r["kind"] == "run"} == {"full", "esr_45", "iw_opd"}

@@ -41,6 +41,13 @@ class CompareArguments:
             "(a test)."
         },
     )
+    workers: int = field(
+        default=1,
+        metadata={
+            "help": "Train and evaluate the runs in this many processes (one torch thread each), on disjoint groups of "
+            "policies, after the shared reference rows and diagnostics; e.g. 2 on 2 CPU cores. In-process training only."
+        },
+    )
     num_threads: int | None = field(
         default=None,
         metadata={
@@ -134,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         output_dir = "runs/compare_smoke"
     if args.num_threads is not None and args.num_threads < 1:
         parser.error(f"--num_threads must be >= 1; got {args.num_threads}")
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1; got {args.workers}")
     try:
         config = comparison_config(config, output_dir) if config else recipe_path()
         comparison = load_comparison(
@@ -146,15 +155,17 @@ def main(argv: list[str] | None = None) -> int:
     threads, previous = args.num_threads or (1 if args.smoke else None), torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
+    if args.workers > 1 and comparison.launcher:
+        parser.exit(2, "trl-ltc compare: error: --workers: runs with a `launcher` already run in their own processes.\n")
     try:
-        return _compare(comparison)
+        return _compare(comparison, args.workers, args.smoke)
     except CompareConfigError as error:  # e.g. finished runs made with other settings
         parser.exit(2, f"trl-ltc compare: error: {error}\n")
     finally:
         torch.set_num_threads(previous)
 
 
-def _compare(comparison: Comparison) -> int:
+def _compare(comparison: Comparison, workers: int = 1, smoke: bool = False) -> int:
     runs = comparison.runs()
     print(
         f"Comparing {len(comparison.policies)} policies x {len(comparison.seeds)} seeds = {len(runs)} runs "
@@ -162,7 +173,12 @@ def _compare(comparison: Comparison) -> int:
         flush=True,
     )
     start = time.perf_counter()
-    outcome = run_comparison(comparison)
+    if workers > 1:
+        from ..compare.runner import run_parallel
+
+        outcome = run_parallel(comparison, workers, smoke)
+    else:
+        outcome = run_comparison(comparison)
     print("\n" + (comparison.output_dir / "results.md").read_text(), flush=True)
     files = ", ".join(str(path) for path in outcome["files"].values())
     print(f"Wrote {files} in {format_duration(time.perf_counter() - start)}.")

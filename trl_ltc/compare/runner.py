@@ -8,6 +8,7 @@ import json
 import shlex
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -338,10 +339,11 @@ COLLAPSE_KEYS = (
 )  # fmt: skip
 
 
-def run_comparison(comparison: Comparison) -> dict:
+def run_comparison(comparison: Comparison, prepare_only: bool = False) -> dict:
     """Train and evaluate whatever is not done yet, then write results.csv, results.md and results.png.
 
-    Returns `{"runs": [...], "references": {...}, "files": {...}}`.
+    Returns `{"runs": [...], "references": {...}, "files": {...}}`. `prepare_only`: the reference rows, the collapse
+    diagnostics and the curves' step 0 only (what parallel workers share, `run_parallel`); returns `{}`.
     """
     runs = comparison.runs()
     out = comparison.output_dir
@@ -400,6 +402,8 @@ def run_comparison(comparison: Comparison) -> dict:
     if comparison.curves is not None:  # the curves' step 0: the untrained student on the curve sets
         curve_problems = _Problems(comparison.curve_sets)
         curve_start = _student_curve_point(comparison, models, curve_problems, references.get("student"))
+    if prepare_only:
+        return {}
 
     # Runs: train (unless train.json exists), evaluate (unless result.json exists).
     results, timed = [], []
@@ -447,6 +451,46 @@ def run_comparison(comparison: Comparison) -> dict:
         print(f"{label}: {_headline(result)} ({format_duration(timed[-1])}; elapsed {elapsed}{eta})", flush=True)
     files = write_results(results, references, comparison, collapse, curve_start)
     return {"runs": results, "references": references, "files": files, "collapse": collapse}
+
+
+def worker_groups(comparison: Comparison, workers: int) -> list[list[str]]:
+    """The policies split into at most `workers` groups of about the same number of policies; the plain `full` policy
+    and the policies whose `max_flops` is `full_flops` (they need its runs) stay in one group."""
+    names = [p.name for p in comparison.policies]
+    dependent = [p.name for p in comparison.policies if p.fields.get("max_flops") == BASELINE_FLOPS]
+    baseline = next((p.name for p in comparison.policies if p.fields == {"supervision": "full"}), None)
+    units = [[baseline, *dependent]] if baseline is not None else []
+    units += [[n] for n in names if n != baseline and n not in dependent]
+    groups: list[list[str]] = [[] for _ in range(max(1, min(workers, len(units))))]
+    for unit in sorted(units, key=len, reverse=True):
+        min(groups, key=len).extend(unit)
+    return [sorted(group, key=names.index) for group in groups if group]
+
+
+def run_parallel(comparison: Comparison, workers: int, smoke: bool = False) -> dict:
+    """`run_comparison` with the runs spread over `workers` processes (`trl-ltc compare --policies ...`, one torch
+    thread each): this process first evaluates the reference rows and runs the diagnostics they all share, then starts
+    the workers on disjoint groups of policies (`worker_groups`), each logging to `<output_dir>/worker<k>.log`, and,
+    once all are done, reads every stored run and writes the tables."""
+    run_comparison(comparison, prepare_only=True)
+    out, procs = comparison.output_dir, []
+    seeds = ",".join(map(str, comparison.seeds))
+    for index, group in enumerate(worker_groups(comparison, workers)):
+        command = [
+            sys.executable, "-m", "trl_ltc.cli", "compare", "--config", comparison.source, "--output_dir", str(out),
+            "--seeds", seeds, "--policies", ",".join(group), "--num_threads", "1", *(["--smoke"] if smoke else []),
+        ]  # fmt: skip
+        log = open(out / f"worker{index}.log", "w")  # noqa: SIM115 (closed below)
+        print(f"worker {index}: {', '.join(group)} (log: {out / f'worker{index}.log'})", flush=True)
+        procs.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log, index))
+    failed = []
+    for proc, log, index in procs:
+        if proc.wait() != 0:
+            failed.append(index)
+        log.close()
+    if failed:
+        raise RuntimeError(f"worker(s) {failed} failed; see {', '.join(str(out / f'worker{i}.log') for i in failed)}.")
+    return run_comparison(comparison)
 
 
 def _resolve_baseline_flops(run: Run, train: dict) -> None:
