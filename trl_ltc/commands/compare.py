@@ -150,13 +150,15 @@ def main(argv: list[str] | None = None) -> int:
         )
     except CompareConfigError as error:
         parser.exit(2, f"trl-ltc compare: error: {error}\n")
+    if args.workers > 1 and comparison.launcher:
+        parser.exit(
+            2, "trl-ltc compare: error: --workers: runs with a `launcher` run in their own processes already.\n"
+        )
     import torch
 
     threads, previous = args.num_threads or (1 if args.smoke else None), torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
-    if args.workers > 1 and comparison.launcher:
-        parser.exit(2, "trl-ltc compare: error: --workers: runs with a `launcher` already run in their own processes.\n")
     try:
         return _compare(comparison, args.workers, args.smoke)
     except CompareConfigError as error:  # e.g. finished runs made with other settings
