@@ -18,53 +18,23 @@ import torch
 from trl import DistillationTrainer
 from trl.trainer.utils import split_pixel_values_by_grid, split_tensor_dict, unsplit_pixel_values_by_grid
 
-from .checks import (
-    check_datasets,
-    check_tokenizer_fits,
-    check_vocabularies,
-    checked_args,
-    parent_accepts_padded_heads,
-    suppress_padded_rows,
-)
+from .checks import check_datasets, check_tokenizer_fits, check_vocabularies, checked_args
+from .checks import parent_accepts_padded_heads, suppress_padded_rows
 from .compute import ComputeCallback
 from .config import TeachabilityGKDConfig
 from .diagnostics import ReleaseDiagnosticsCallback, trajectory_records
 from .hooks import divergence_loss_replaced
-from .online import (
-    OnlineRollout,
-    check_online_support,
-    gather_step_stats,
-    log_rollout,
-    rollout_batch_fields,
-    trainer_rollout,
-)
+from .online import OnlineRollout, check_online_support, gather_step_stats, log_rollout
+from .online import rollout_batch_fields, trainer_rollout
 from .prompts import truncate_prompts
-from .resume import (  # noqa: F401  (importable from here, as before)
-    EpochRepeatSampler,
-    global_permutation,
-    last_complete_checkpoint,
-    load_release_generators,
-    release_generators,
-    save_release_generators,
-)
+from .resume import EpochRepeatSampler, global_permutation, last_complete_checkpoint  # noqa: F401 (as before)
+from .resume import load_release_generators, release_generators, save_release_generators
 from .segmentation import segment_completions
 from .served_teacher import served_batch_fields, served_loss
-from .signals import (
-    NON_FINITE_ADVICE,
-    NON_FINITE_LOSS_CAUSE,
-    OutputHead,
-    SignalsError,
-    TeacherScores,
-    signals_from_hidden,
-    weighted_divergence,
-)
+from .signals import NON_FINITE_ADVICE, NON_FINITE_LOSS_CAUSE, OutputHead, SignalsError, TeacherScores
+from .signals import signals_from_hidden, weighted_divergence
 from .spec import SupervisionSpec
-from .supervision import (
-    kept_fractions,
-    permute_release_fractions,
-    supervision_stats,
-    supervision_weights,
-)
+from .supervision import kept_fractions, permute_release_fractions, supervision_stats, supervision_weights
 from .teacher_server import TeacherServer
 
 

@@ -117,7 +117,9 @@ def summarize(records: Sequence[dict]) -> dict[str, float]:
     `margin_before_change` / `margin_after_change` pool the tokens of accepted trajectories before / after their
     change point; `bic_gain_mean` averages over all trajectories (0 when not accepted), as the trainer's metric.
     When the records carry `accepted_null` (`null_acceptance`), `accepted_frac_null` is its mean over
-    them: the accepted fraction of the shuffled null, to set against `accepted_fraction`. When the records carry
+    them: the accepted fraction of the shuffled null, to set against `accepted_fraction`; likewise
+    `accepted_frac_calibrated` (`calibrated_acceptance`, formula 10) and the online replay's stop fractions,
+    `online_stopped_frac` (the paper's rule) and `online_stopped_frac_calibrated`. When the records carry
     `teachability_kept`, the TA-OPD numbers are added: `teachability_kept_fraction` (kept tokens / tokens),
     `teachability_kept_position_mean` (mean relative position of the kept tokens), `teachability_in_release_prefix`
     (share of the kept tokens inside the release prefix) and `release_prefix_token_fraction` (share of all tokens
@@ -148,7 +150,12 @@ def summarize(records: Sequence[dict]) -> dict[str, float]:
 
 def _null_summary(records: Sequence[dict]) -> dict[str, float]:
     out = {}
-    for field, name in (("accepted_null", "accepted_frac_null"), ("accepted_calibrated", "accepted_frac_calibrated")):
+    for field, name in (
+        ("accepted_null", "accepted_frac_null"),
+        ("accepted_calibrated", "accepted_frac_calibrated"),
+        ("online_stopped", "online_stopped_frac"),
+        ("online_stopped_calibrated", "online_stopped_frac_calibrated"),
+    ):
         values = [r[field] for r in records if field in r]
         if values:
             out[name] = float(np.mean(values))
@@ -311,6 +318,8 @@ _SUMMARY_ROWS = (
     ("accepted_fraction", "Accepted fraction (one-drop summary preferred by BIC)", "{:.3f}"),
     ("accepted_frac_null", "Accepted fraction under the null (segment scores shuffled per trajectory)", "{:.3f}"),
     ("accepted_frac_calibrated", "Accepted fraction, calibrated (permutation p-value <= release_alpha)", "{:.3f}"),
+    ("online_stopped_frac", "Online rule replayed: stopped fraction (paper's rule at every segment)", "{:.3f}"),
+    ("online_stopped_frac_calibrated", "Online rule replayed: stopped fraction, calibrated", "{:.3f}"),
     ("kept_fraction_mean", "Mean kept fraction of the completion (all trajectories)", "{:.3f}"),
     ("kept_fraction_mean_accepted", "Mean kept fraction (accepted trajectories)", "{:.3f}"),
     ("margin_before_change", "Mean teacher margin before the change (accepted, per token)", "{:.4f}"),
