@@ -105,3 +105,22 @@ def test_the_epoch_sampler_is_built_like_the_parents(shuffle):
     for epoch in (0, 2, 1):
         ours.set_epoch(epoch)
         assert list(ours) == epochs[epoch], epoch
+
+
+def test_the_vllm_weight_sync_names_of_vllm_compat():
+    """`trl_ltc.vllm_compat` swaps TRL's colocated `sync_weights` for vLLM's `reload_weights` fed by
+    `_iter_named_params`, and creates the engine through the module-level `LLM` (TRL passes it no dtype)."""
+    import trl.generation.vllm_generation as vllm_generation
+
+    from trl_ltc import vllm_compat
+
+    cls = vllm_generation.VLLMGeneration
+    assert _parameters(getattr(cls, vllm_compat.SYNC_WEIGHTS)) == ["self"]
+    assert _parameters(getattr(cls, vllm_compat.WEIGHTS_ITERATOR)) == ["self"]
+    sync = inspect.getsource(getattr(cls, vllm_compat.SYNC_WEIGHTS))
+    # The colocated sync it replaces: in-place `load_weights` of each parameter, then the prefix cache reset.
+    assert "model_runner.model.load_weights([(name, param)])" in sync and "self.llm.reset_prefix_cache()" in sync
+    init = inspect.getsource(cls._init_vllm)
+    assert "self.llm = LLM(" in init and "import LLM" in inspect.getsource(vllm_generation)
+    call = init.split("self.llm = LLM(")[1].split("\n            )\n")[0]
+    assert "model=model.name_or_path" in call and "dtype=" not in call  # still no dtype: see colocated_engine_dtype

@@ -4,6 +4,8 @@
 their bodies (the model preparation of `_compute_loss`, the teacher loading of `__init__`). Each swap lasts for one
 call and is undone after it, also when the call raises. `tests/test_hooks.py` fails loudly when a TRL release
 renames them or changes their signatures; `pyproject.toml` pins TRL to the minor series they were checked against.
+The colocated vLLM weight sync of vLLM's CPU build (TRL's `VLLMGeneration.sync_weights` and `_iter_named_params`,
+vLLM's `reload_weights`) is kept next to this module in `trl_ltc.vllm_compat`, pinned by the same test.
 """
 
 from __future__ import annotations
