@@ -183,3 +183,54 @@ def test_counting_skips_evaluation_and_counts_online_blocks():
     counter.rollout(batch)
     counter.forward(True, torch.ones(2, 5), 2)
     assert counter.local["generated_tokens"] == 8 and counter.local["teacher_tokens"] == 7
+
+
+@pytest.mark.parametrize("online", [False, True])
+def test_a_served_teacher_counts_the_positions_it_was_sent(tmp_path, tokenizer, online):
+    """Offline, the server scores each batch once: the same counters as a local teacher's loss forward (flops once its
+    parameter count is given). Online, a server has no cache: every block sends the completion so far again."""
+    from helpers import make_model
+    from test_teacher_server import V, FakeServer, _config, _prompts
+
+    from trl_ltc import TeachabilityGKDTrainer
+    from trl_ltc.served_teacher import ServedTeacherBlocks, _unpadded
+
+    teacher = make_model(V, seed=2).eval()
+    server = FakeServer(teacher)
+    extra = {"rollout_truncation": "online", "online_check_tokens": 4, "online_min_segments": 1,
+             "online_patience": 1, "max_completion_length": 16} if online else {}  # fmt: skip
+    sent = []
+    score_block = ServedTeacherBlocks.score_block
+
+    def recorded(self, ids, mask, new, valid, support):
+        sent.append(sum(map(len, _unpadded(ids[:, self.width :], mask[:, self.width :]))))
+        return score_block(self, ids, mask, new, valid, support)
+
+    logs = {}
+    try:
+        for name in ("local", "served"):
+            served = name == "served"
+            config = _config(tmp_path / name, supervision="release", teacher_server_url=server.url if served else None,
+                             teacher_server_top_logprobs=V, **extra)  # fmt: skip
+            trainer = TeachabilityGKDTrainer(model=make_model(V, seed=1), teacher_model=None if served else teacher,
+                                             args=config, train_dataset=_prompts(), processing_class=tokenizer)  # fmt: skip
+            if served:
+                trainer.compute.set_teacher_params(_params(teacher))
+                ServedTeacherBlocks.score_block = recorded
+            try:
+                trainer.train()
+            finally:
+                ServedTeacherBlocks.score_block = score_block
+            logs[name] = _compute_logs(trainer)[2]
+    finally:
+        server.close()
+    local, served = logs["local"], logs["served"]
+    assert served["compute/generated_tokens"] == local["compute/generated_tokens"]
+    assert served["compute/trained_tokens"] == local["compute/trained_tokens"]
+    if online:
+        assert served["compute/teacher_tokens"] == sum(sent) > local["compute/teacher_tokens"]
+        assert local["compute/teacher_tokens"] == local["compute/generated_tokens"]
+    else:
+        assert not sent
+        assert served["compute/teacher_tokens"] == local["compute/teacher_tokens"]
+        assert served["compute/flops"] == pytest.approx(local["compute/flops"])
