@@ -190,7 +190,7 @@ def test_a_served_teacher_counts_the_positions_it_was_sent(tmp_path, tokenizer, 
     """Offline, the server scores each batch once: the same counters as a local teacher's loss forward (flops once its
     parameter count is given). Online, a server has no cache: every block sends the completion so far again."""
     from helpers import make_model
-    from test_teacher_server import V, FakeServer, _config, _prompts
+    from test_teacher_server import FakeServer, V, _config, _prompts
 
     from trl_ltc import TeachabilityGKDTrainer
     from trl_ltc.served_teacher import ServedTeacherBlocks, _unpadded
