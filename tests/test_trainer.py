@@ -490,7 +490,9 @@ def test_a_padded_teacher_trains_exactly_like_the_unpadded_one(tmp_path, tokeniz
         )  # fmt: skip
         assert trainer.vocab_size == V
         trainer.train()
-        logs[name] = [{k: v for k, v in log.items() if "time" not in k} for log in trainer.state.log_history[:-1]]
+        # the padded teacher's extra rows are parameters, so only the flops estimate may differ
+        logs[name] = [{k: v for k, v in log.items() if "time" not in k and k != "compute/flops"}
+                      for log in trainer.state.log_history[:-1]]  # fmt: skip
     assert padded.config.vocab_size == V + 16  # the parent was shown the student's size only while it was built
     assert len(logs["padded"]) == 2 and logs["padded"] == logs["plain"]
 
