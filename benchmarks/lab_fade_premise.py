@@ -49,7 +49,9 @@ def teacher(out: str) -> None:
     print("answer line:", {k: round(v, 3) for k, v in profile["answer"].items()})
 
     items = lab.problems("test", 128)
-    rollouts = sample_completions(fade, tokenizer, [p["prompt"] for p in items], 176, 64, do_sample=False, progress=False)
+    rollouts = sample_completions(
+        fade, tokenizer, [p["prompt"] for p in items], 176, 64, do_sample=False, progress=False
+    )
     texts = tokenizer.batch_decode(
         [ids[mask.bool()] for ids, mask in zip(rollouts.completion_ids, rollouts.completion_mask)],
         skip_special_tokens=True,
@@ -78,9 +80,8 @@ def teacher(out: str) -> None:
             previous = result
         counts["prefix"] += prefix
     accuracy = {
-        "greedy_answer_accuracy": sum(
-            answer_is_correct(t, p["answer"], "statement") for t, p in zip(texts, items)
-        ) / len(items),
+        "greedy_answer_accuracy": sum(answer_is_correct(t, p["answer"], "statement") for t, p in zip(texts, items))
+        / len(items),
         f"steps_1_to_{lab.FADE_AFTER}_all_right": counts["prefix"] / len(items),
         "step_right_before_fade": counts["early"] / max(1, counts["early_n"]),
         "step_right_after_fade": counts["late"] / max(1, counts["late_n"]),
@@ -95,7 +96,8 @@ def records(path: str) -> None:
     from trl_ltc import lab
     from trl_ltc.diagnostics import summarize
 
-    rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+    with open(path, encoding="utf-8") as file:
+        rows = [json.loads(line) for line in file if line.strip()]
     summary = summarize(rows)
     keys = (
         "trajectories", "accepted_fraction", "accepted_frac_null", "accepted_frac_calibrated", "margin_before_change",
@@ -116,7 +118,7 @@ def records(path: str) -> None:
                 digit = start + len(text) - 2  # one token per character: the result digit, before the newline
                 digit_margin.setdefault(i, []).append(row["token_margins"][digit])
                 digit_advantage.setdefault(i, []).append(row["token_advantages"][digit])
-    mean = lambda values: statistics.mean(values) if values else float("nan")  # noqa: E731
+    mean = lambda values: statistics.mean(values) if values else float("nan")
     print("line  trajectories  segment margin  result-digit margin  result-digit advantage")
     for i in sorted(by_line):
         if len(by_line[i]) >= 10:

@@ -128,7 +128,7 @@ def test_a_model_trained_on_faded_solutions_is_sharp_before_the_fade_and_flat_af
         assert at["result_entropy"][i] < 0.5 * math.log(10) and at["result_logprob"][i] > math.log(0.5)
         assert at["result_margin"][i] > 2.0
     # the mean margin over a whole line (a segment's score) falls after the fade
-    mean = lambda name, steps: sum(at[name][i] for i in steps) / len(steps)  # noqa: E731
+    mean = lambda name, steps: sum(at[name][i] for i in steps) / len(steps)
     assert mean("line_margin", late) < mean("line_margin", early)
     # control: the same training on correct solutions leaves the late result digits as sharp as the early ones
     control = _memorise(None)

@@ -42,11 +42,11 @@ import torch
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "LAB_TASK",
-    "LabPair",
     "DEFAULT_PAIR",
     "FADE_PAIR",
     "LAB_PRESETS",
+    "LAB_TASK",
+    "LabPair",
     "build_tokenizer",
     "fade_profile",
     "faded_solution",
@@ -157,8 +157,10 @@ def lab_dataset_path(split: str, cache_dir: str | os.PathLike | None = None) -> 
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         with open(tmp, "w", encoding="utf-8") as file:
-            for problem in problems(split):
-                file.write(json.dumps({"prompt": problem["prompt"], "answer": problem["answer"]}) + "\n")
+            file.writelines(
+                json.dumps({"prompt": problem["prompt"], "answer": problem["answer"]}) + "\n"
+                for problem in problems(split)
+            )
         tmp.replace(path)
     return str(path)
 
@@ -210,7 +212,9 @@ DEFAULT_PAIR = LabPair(
     teacher=LabModel(128, 3, 1500, seed=0), student=LabModel(128, 2, 800, seed=1, target_accuracy=0.3)
 )
 # `trl-ltc compare --smoke`: the same pipeline in seconds (the models learn little).
-SMOKE_PAIR = LabPair(teacher=LabModel(32, 1, 4, seed=0, batch_size=8), student=LabModel(32, 1, 2, seed=1, batch_size=8))
+SMOKE_PAIR = LabPair(
+    teacher=LabModel(32, 1, 4, seed=0, batch_size=8), student=LabModel(32, 1, 2, seed=1, batch_size=8)
+)
 # The positive control: the default teacher's shape, seed, data order and schedule, trained on `faded_solution` with
 # random result digits after step 8 (of 13-19 steps: the fade starts at line 9 of 15-21, about the middle), and the
 # default pair's student, reused as it is.
