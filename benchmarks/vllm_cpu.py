@@ -1,0 +1,86 @@
+"""vLLM's CPU build against Hugging Face generation on the embedded SmolLM2 student: tokens per second.
+
+Run in the vLLM environment (docs/vllm.md), with the pair built (`trl-ltc quickstart` once, or
+`python -c "from trl_ltc.embedded import prepare_smollm2_pair; prepare_smollm2_pair()"`):
+
+    python benchmarks/vllm_cpu.py --rounds 3 --batch_sizes 4 16 --max_new_tokens 96
+
+The same chat prompts (the quickstart's training prompts) go to both, sampled at temperature 1 for exactly
+`max_new_tokens` tokens each (`min_new_tokens` / `ignore_eos`); rounds alternate HF and vLLM so that a load change
+on a shared machine hits both. vLLM runs the fp32 folder in `--vllm_dtype` (float32: what the trainer's float32
+student is; bfloat16: what TRL's colocated engine picks by default) with its engine in its own process, pinned to
+`VLLM_CPU_OMP_THREADS_BIND` (default here: every core); HF uses `torch.get_num_threads()` threads. Prints one JSON
+line per measurement and a summary of the vLLM / HF ratios (median and range).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--max_new_tokens", type=int, default=96)
+    parser.add_argument("--vllm_dtype", default="float32")
+    args = parser.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
+
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    from trl_ltc.embedded import prepare_smollm2_pair, quickstart_dataset_path
+    from trl_ltc.generation import tokenize_prompts
+
+    _, student_dir = prepare_smollm2_pair()
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
+    prompts = load_dataset("json", data_files=quickstart_dataset_path("train"), split="train")["prompt"]
+    llm = LLM(student_dir, dtype=args.vllm_dtype, max_model_len=512, enforce_eager=True, seed=0)
+    n = args.max_new_tokens
+
+    def hf(ids_list):
+        batch = tokenizer.pad({"input_ids": ids_list}, return_tensors="pt", padding_side="left")
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=n, min_new_tokens=n, do_sample=True, top_k=0, top_p=1.0,
+                                 pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        return (out.shape[1] - batch["input_ids"].shape[1]) * len(ids_list)
+
+    def vllm(ids_list):
+        params = SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=True)
+        outputs = llm.generate([{"prompt_token_ids": ids} for ids in ids_list], params, use_tqdm=False)
+        return sum(len(o.outputs[0].token_ids) for o in outputs)
+
+    results = {}
+    for batch_size in args.batch_sizes:
+        ids_list = tokenize_prompts(tokenizer, prompts[:batch_size])
+        hf(ids_list[:1]), vllm(ids_list[:1])  # warm-up
+        for r in range(args.rounds):
+            for name, run in ((("hf", hf), ("vllm", vllm)) if r % 2 == 0 else (("vllm", vllm), ("hf", hf))):
+                start = time.perf_counter()
+                tokens = run(ids_list)
+                seconds = time.perf_counter() - start
+                results.setdefault((batch_size, name), []).append(tokens / seconds)
+                print(json.dumps({"batch": batch_size, "engine": name, "round": r, "tokens": tokens,
+                                  "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1)}), flush=True)  # fmt: skip
+    for batch_size in args.batch_sizes:
+        ratios = [v / h for v, h in zip(results[(batch_size, "vllm")], results[(batch_size, "hf")])]
+        print(json.dumps({
+            "batch": batch_size, "hf_tokens_per_s": round(statistics.median(results[(batch_size, "hf")]), 1),
+            "vllm_tokens_per_s": round(statistics.median(results[(batch_size, "vllm")]), 1),
+            "vllm_over_hf_median": round(statistics.median(ratios), 2),
+            "range": [round(min(ratios), 2), round(max(ratios), 2)], "vllm_dtype": args.vllm_dtype,
+            "torch_threads": torch.get_num_threads(),
+        }), flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
