@@ -170,11 +170,12 @@ def collapse_markdown(collapse: dict, comparison: Comparison) -> list[str]:
         f"(K={release['top_k']}, segmentation `{release['segmentation']}`): {number('num_segments_mean', 1)} segments "
         f"and {number('completion_length_mean', 1)} tokens per completion on average.",
         "",
-        "| accepted drop | accepted on shuffled segments (null) | margin before / after the change | "
-        "median release position (tokens) |",
-        "|---|---|---|---|",
-        f"| {number('accepted_fraction')} | {number('accepted_frac_null')} | {number('margin_before_change')} / "
-        f"{number('margin_after_change')} | {collapse[MEDIAN_RELEASE]} |",
+        "| accepted drop (paper) | accepted on shuffled segments (null) | accepted, calibrated (p <= 0.05) | "
+        "online stops, paper / calibrated | margin before / after the change | median release position (tokens) |",
+        "|---|---|---|---|---|---|",
+        f"| {number('accepted_fraction')} | {number('accepted_frac_null')} | {number('accepted_frac_calibrated')} | "
+        f"{number('online_stopped_frac')} / {number('online_stopped_frac_calibrated')} | "
+        f"{number('margin_before_change')} / {number('margin_after_change')} | {collapse[MEDIAN_RELEASE]} |",
         "",
         "Local teachability collapse is only shown where the accepted fraction clearly exceeds the null's (the same "
         "BIC rule on the same segment scores shuffled within each trajectory) and the margin curve falls "

@@ -334,8 +334,9 @@ def collapse_diagnostics(comparison: Comparison, models: _Models) -> dict:
 
 
 COLLAPSE_KEYS = (
-    "trajectories", "accepted_fraction", "accepted_frac_null", "margin_before_change", "margin_after_change",
-    "kept_fraction_mean", "num_segments_mean", "completion_length_mean",
+    "trajectories", "accepted_fraction", "accepted_frac_null", "accepted_frac_calibrated", "online_stopped_frac",
+    "online_stopped_frac_calibrated", "margin_before_change", "margin_after_change", "kept_fraction_mean",
+    "num_segments_mean", "completion_length_mean",
 )  # fmt: skip
 
 
