@@ -59,7 +59,7 @@ def test_distill_help_lists_every_field_with_its_help(capsys):
             help_text = " ".join(field.metadata["help"].split())
             assert help_text in out, field.name
     assert (
-        "--supervision {full,fixed_prefix,release,random_release,adv_std_release,token_teachability} "
+        "--supervision {full,fixed_prefix,release,random_release,adv_std_release,token_teachability,iw_opd} "
         "Where the OPD supervision goes. One of: full, fixed_prefix, release" in out
     )
     assert "--use_peft" in out and "--lora_target_modules" in out and "--teacher_model_name_or_path" in out
