@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -84,7 +85,22 @@ def main(argv: list[str] | None = None) -> int:
             gguf = embedded.teacher_gguf(args.cache_dir)
             print(f"Starting llama.cpp's server for {gguf.name} ...", flush=True)
             server = stack.enter_context(local_llama_server(gguf))
+        if _vllm_on_cpu(passthrough):  # vLLM's CPU build (docs/vllm.md): 1 GiB of KV cache, the fp32 student in fp32
+            from ..vllm_compat import colocated_engine_dtype
+
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+            stack.enter_context(colocated_engine_dtype("float32"))
         return _run(args, teacher_dir, student_dir, recipe, passthrough, server, start)
+
+
+def _vllm_on_cpu(passthrough: list[str]) -> bool:
+    """Whether `--use_vllm` is passed through (not `--use_vllm false`) on a machine without a GPU."""
+    import torch
+
+    if "--use_vllm" not in passthrough:
+        return False
+    value = passthrough[passthrough.index("--use_vllm") + 1 :][:1]
+    return value[:1] != ["false"] and value[:1] != ["False"] and not torch.cuda.is_available()
 
 
 def _run(args, teacher_dir, student_dir, recipe, passthrough, server, start) -> int:
