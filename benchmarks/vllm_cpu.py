@@ -4,6 +4,7 @@ Run in the vLLM environment (docs/vllm.md), with the pair built (`trl-ltc quicks
 `python -c "from trl_ltc.embedded import prepare_smollm2_pair; prepare_smollm2_pair()"`):
 
     python benchmarks/vllm_cpu.py --rounds 3 --batch_sizes 4 16 --max_new_tokens 96
+    python benchmarks/vllm_cpu.py --train --rounds 2      # training steps: HF generation, vLLM, vLLM + online release
 
 The same chat prompts (the quickstart's training prompts) go to both, sampled at temperature 1 for exactly
 `max_new_tokens` tokens each (`min_new_tokens` / `ignore_eos`); rounds alternate HF and vLLM so that a load change
@@ -11,6 +12,11 @@ on a shared machine hits both. vLLM runs the fp32 folder in `--vllm_dtype` (floa
 student is; bfloat16: what TRL's colocated engine picks by default) with its engine in its own process, pinned to
 `VLLM_CPU_OMP_THREADS_BIND` (default here: every core); HF uses `torch.get_num_threads()` threads. Prints one JSON
 line per measurement and a summary of the vLLM / HF ratios (median and range).
+
+`--train`: training steps of the quickstart recipe (`configs/quickstart.yaml`: release, LoRA r=16, 4 prompts x
+<= 96 tokens) with Hugging Face generation, with a colocated vLLM engine (float32) and with vLLM + online release
+(`rollout_truncation: online`); each round trains each setup for `--steps` steps in turn (order rotating), and the
+step time is the median of those steps (every step syncs the weights into vLLM).
 """
 
 from __future__ import annotations
@@ -28,7 +34,11 @@ def main():
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--max_new_tokens", type=int, default=96)
     parser.add_argument("--vllm_dtype", default="float32")
+    parser.add_argument("--train", action="store_true")
+    parser.add_argument("--steps", type=int, default=2)
     args = parser.parse_args()
+    if args.train:
+        return train_steps(args)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
 
@@ -80,6 +90,78 @@ def main():
             "range": [round(min(ratios), 2), round(max(ratios), 2)], "vllm_dtype": args.vllm_dtype,
             "torch_threads": torch.get_num_threads(),
         }), flush=True)  # fmt: skip
+
+
+def train_steps(args):
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    import yaml
+    from datasets import load_dataset
+    from transformers import AutoTokenizer, TrainerCallback
+
+    from trl_ltc import TeachabilityGKDConfig, TeachabilityGKDTrainer
+    from trl_ltc.embedded import prepare_smollm2_pair, quickstart_dataset_path
+    from trl_ltc.vllm_compat import colocated_engine_dtype
+
+    teacher_dir, student_dir = prepare_smollm2_pair()
+    recipe = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "configs", "quickstart.yaml")))
+    from peft import LoraConfig
+
+    peft = LoraConfig(r=recipe["lora_r"], lora_alpha=recipe["lora_alpha"], lora_dropout=0.0,
+                      target_modules="all-linear", task_type="CAUSAL_LM")  # fmt: skip
+    fields = {k: recipe[k] for k in ("supervision", "release_top_k", "segmentation", "loss_type", "beta",
+                                     "max_completion_length", "temperature", "per_device_train_batch_size",
+                                     "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "seed")}  # fmt: skip
+    prompts = load_dataset("json", data_files=quickstart_dataset_path("train"), split="train")
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    setups = {
+        "hf": {},
+        "vllm": {"use_vllm": True, "vllm_mode": "colocate", "vllm_max_model_length": 512},
+        "vllm_online": {"use_vllm": True, "vllm_mode": "colocate", "vllm_max_model_length": 512,
+                        "rollout_truncation": "online"},
+    }  # fmt: skip
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.steps = []
+
+        def on_step_begin(self, *a, **k):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.steps.append(time.perf_counter() - self.start)
+
+    trainers, timers = {}, {}
+    for name, extra in setups.items():
+        if name == "vllm_online":
+            extra = {**extra, "loss_type": "advantage"}  # online release reuses the teacher's scores: sampled-token loss
+        config = TeachabilityGKDConfig(output_dir=f"/tmp/vllm_cpu_bench/{name}", max_steps=args.steps, use_cpu=True,
+                                       bf16=False, report_to="none", logging_steps=1, save_strategy="no",
+                                       release_diagnostics_steps=0, **{**fields, **extra})  # fmt: skip
+        timers[name] = Timer()
+        with colocated_engine_dtype(args.vllm_dtype):
+            trainers[name] = TeachabilityGKDTrainer(model=student_dir, teacher_model=teacher_dir, args=config,
+                                                    train_dataset=prompts, processing_class=tokenizer,
+                                                    peft_config=peft, callbacks=[timers[name]])  # fmt: skip
+    names = list(setups)
+    results = {name: [] for name in names}
+    for r in range(args.rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            trainer, timer = trainers[name], timers[name]
+            timer.steps = []
+            trainer.train()
+            logs = [h for h in trainer.state.log_history if "loss" in h][-args.steps :]
+            step = statistics.median(timer.steps)
+            tokens = statistics.mean(h["rollout/generated_tokens"] for h in logs)
+            results[name].append(step)
+            print(json.dumps({"setup": name, "round": r, "step_seconds": round(step, 2),
+                              "generated_tokens_per_step": tokens, "loss": [round(h["loss"], 4) for h in logs]}),
+                  flush=True)  # fmt: skip
+    for name in names[1:]:
+        ratios = [v / h for v, h in zip(results[name], results["hf"])]
+        print(json.dumps({"setup": name, "step_over_hf_median": round(statistics.median(ratios), 2),
+                          "range": [round(min(ratios), 2), round(max(ratios), 2)],
+                          "median_step_seconds": round(statistics.median(results[name]), 2),
+                          "hf_median_step_seconds": round(statistics.median(results["hf"]), 2)}), flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
