@@ -20,11 +20,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
-from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
-from trl_ltc import TeachabilityGKDConfig, TeachabilityGKDTrainer
-from trl_ltc.served_teacher import served_batch_fields
+from test_teacher_server import _config as _served_config
+from test_teacher_server import _prompts
+
+from trl_ltc import TeachabilityGKDTrainer
 from trl_ltc.teacher_server import TeacherServer, TeacherServerError
 
 pytestmark = pytest.mark.vllm
@@ -132,20 +133,9 @@ def test_a_top_n_above_the_vocabulary_is_lowered_and_the_server_survives(server,
     assert TeacherServer(server, vllm_pair[2], top_logprobs=20, max_retries=0).score(prompts, completions)
 
 
-def _prompts(n=8):
-    # Prompts of one token length: a left-padded batch shifts the positions a local teacher sees, not a server's.
-    digits = [1, 2, 5, 7] * 2
-    return Dataset.from_dict({"prompt": [[{"role": "user", "content": f"Tom has {i} apples. Left?"}] for i in digits[:n]]})
-
-
 def _config(tmp_path, **overrides):
-    kwargs = dict(
-        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-        max_completion_length=12, report_to="none", logging_steps=1, use_cpu=True, bf16=False, learning_rate=1e-3,
-        save_strategy="no", segmentation="fixed", segment_window=3, release_diagnostics_steps=0,
-        teacher_server_top_logprobs=V, teacher_server_max_retries=0,
-    )  # fmt: skip
-    return TeachabilityGKDConfig(**{**kwargs, **overrides})
+    """The served-teacher tests' tiny training config, asking the server for the whole vocabulary's log-probs."""
+    return _served_config(tmp_path, **{"teacher_server_top_logprobs": V, "teacher_server_max_retries": 0, **overrides})
 
 
 def _student(vllm_pair):
