@@ -337,12 +337,18 @@ def permutation_p_value(
     Returns:
         `[B]` float64 p-values in `(0, 1]`.
     """
+    return _permutation_test(scores, num_segments, num_permutations, generator)[1]
+
+
+def _permutation_test(scores, num_segments, num_permutations, generator) -> tuple[ChangePoint, Tensor]:
+    """Formula 6's change point and its [`permutation_p_value`], formula 6 computed once for both."""
     if num_permutations < 1:
         raise ValueError(f"num_permutations must be >= 1; got {num_permutations}")
     batch, width = scores.shape
     device = generator.device if generator is not None else scores.device
     keys = torch.rand(batch, num_permutations, width, generator=generator, device=device, dtype=torch.float64)
-    return _p_values_where_accepted(bic_change_point(scores, num_segments), scores, num_segments, keys)
+    paper = bic_change_point(scores, num_segments)
+    return paper, _p_values_where_accepted(paper, scores, num_segments, keys)
 
 
 def permutation_change_point(
@@ -371,8 +377,8 @@ def permutation_change_point(
     """
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1); got {alpha}")
-    p_value = permutation_p_value(scores, num_segments, num_permutations, generator)
-    return _calibrated(bic_change_point(scores, num_segments), num_segments, p_value, alpha)
+    paper, p_value = _permutation_test(scores, num_segments, num_permutations, generator)
+    return _calibrated(paper, num_segments, p_value, alpha)
 
 
 def _calibrated(paper: ChangePoint, num_segments: Tensor, p_value: Tensor, alpha: float) -> ChangePoint:
@@ -495,8 +501,8 @@ def online_release(
 
     **Calibrated** (`alpha` set): every look is another chance of a false stop (formula 6 alone stops most
     trajectories of pure noise once it looks often enough), so the looks are few and the level is spent across them.
-    The rule looks only at the `n` of [`online_looks`] (7, 11, 17, 26, ... for `alpha=0.05`); the `j`-th look is a permutation
-    test ([`permutation_change_point`]) at level `alpha_j = alpha * 6 / (pi^2 j^2)` ([`look_alpha`]) with
+    The rule looks only at the `n` of [`online_looks`] (7, 11, 17, 26, ... for `alpha=0.05`); the `j`-th look is a
+    permutation test ([`permutation_change_point`]) at level `alpha_j = alpha * 6 / (pi^2 j^2)` ([`look_alpha`]) with
     `max(num_permutations, ceil(4 / alpha_j))` shuffles, so that a small level can still be reached. The
     `alpha_j` sum to `alpha` however long the trajectory, so by the union bound a trajectory of exchangeable
     scores is ever stopped with probability at most `alpha`. Alpha spending rather than a permutation distribution
