@@ -317,12 +317,8 @@ def plot_results(results: list[dict], references: dict, policies: list[str], pat
         ax.set_title(column.header + arrow, fontsize=10)
         ax.set_xticks(list(range(len(policies))))
         ax.set_xticklabels(policies, rotation=60, ha="right", fontsize=8)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+        _legend(ax)
+    return _save(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -441,12 +437,8 @@ def plot_curves(
     ax.set_ylabel(f"{metric} (%)")
     ax.set_title("Quality against compute (mean over seeds; thin lines: seeds)", fontsize=10)
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    _legend(ax)
+    return _save(fig, path)
 
 
 def matched_markdown(matched: dict, policies: list[str], baseline: str, target_gain: float) -> list[str]:
@@ -513,3 +505,19 @@ def write_results(
         files["curves.csv"] = write_curves_csv(results, curve_start, curve_names, out / "curves.csv")
         files["curves.png"] = plot_curves(results, curve_start, policies, out / "curves.png")
     return files
+
+
+def _legend(ax) -> None:
+    """A small legend, where the axes have labelled lines."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+
+
+def _save(fig, path):
+    """Write `fig` to `path` (120 dpi, tight layout) and close it; returns `path`."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
