@@ -55,6 +55,8 @@ def _recipe(args, mode: str, seed: int, out: Path) -> dict:
     )  # fmt: skip
     if args.max_completion_length is not None:
         recipe["max_completion_length"] = args.max_completion_length
+    if args.loss_type is not None:
+        recipe["loss_type"] = args.loss_type
     if mode == "online":
         recipe["online_check_tokens"] = args.check_tokens
     return recipe
@@ -102,8 +104,9 @@ def _summary(values: list[float], digits: int) -> str:
 def report(results: dict, skip_first: bool = False) -> str:
     steps = results["steps"]
     which = "steps after the first" if skip_first else "all steps"
+    loss = results.get("loss_type") or "the quickstart recipe's"
     title = (
-        f"Quickstart pair, {results['rounds']} rounds x {results['steps_per_run']} steps per mode, alternating; "
+        f"Quickstart pair, loss {loss}, {results['rounds']} rounds x {results['steps_per_run']} steps per mode, alternating; "
         f"median [min, max] over {which} of every run."
     )
     lines = [
@@ -134,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds; each trains every mode once")
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps per run")
     parser.add_argument("--max_completion_length", type=int, default=None, help="default: the quickstart recipe's")
+    parser.add_argument(
+        "--loss_type", default=None, choices=["parent", "advantage"],
+        help="default: the quickstart recipe's (`parent`, which scores the kept tokens again for the loss; `advantage` "
+        "reuses the teacher's scores from generation)",
+    )  # fmt: skip
     parser.add_argument("--check_tokens", type=int, default=16, help="online: new tokens per block")
     parser.add_argument("--num_threads", type=int, default=1)
     parser.add_argument("--skip_first", action="store_true", help="leave each run's first step out of the medians")
@@ -163,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             steps += _train(args, mode, round_index, out, teacher)
     results = {
         "rounds": args.rounds, "steps_per_run": args.steps, "check_tokens": args.check_tokens,
-        "max_completion_length": args.max_completion_length, "num_threads": args.num_threads,
+        "max_completion_length": args.max_completion_length, "loss_type": args.loss_type, "num_threads": args.num_threads,
         "seconds": round(time.perf_counter() - start, 1), "steps": steps,
     }  # fmt: skip
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
