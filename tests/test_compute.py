@@ -137,11 +137,12 @@ class _FakeTrainer:
     model = teacher_model = None
 
 
-def test_online_truncation_generates_no_more_than_offline_release(tmp_path):
+@pytest.mark.parametrize("loss_type", ["advantage", "parent"])
+def test_online_truncation_generates_no_more_than_offline_release(tmp_path, loss_type):
     """Greedy rollouts: the online blocks generate prefixes of the offline completions (the same first step)."""
     common = {
         "max_steps": 1, "save_strategy": "no", "supervision": "release", "max_completion_length": 16,
-        "generation_kwargs": {"do_sample": False}, "segmentation": "fixed", "segment_window": 2,
+        "generation_kwargs": {"do_sample": False}, "segmentation": "fixed", "segment_window": 2, "loss_type": loss_type,
     }  # fmt: skip
     offline = build_trainer(str(tmp_path / "offline"), **common)
     offline.train()
@@ -156,11 +157,13 @@ def test_online_truncation_generates_no_more_than_offline_release(tmp_path):
     off, on = _compute_logs(offline)[1], _compute_logs(online)[1]
     assert on["compute/generated_tokens"] <= off["compute/generated_tokens"]
     assert on["compute/generated_tokens"] == sum(len(ids) for r in rollouts for ids in r.generated_ids)
-    # Online, the teacher scores each generated token once while generating and not again in the loss.
-    assert on["compute/teacher_tokens"] == on["compute/generated_tokens"]
     assert on["compute/trained_tokens"] == sum(len(ids) for r in rollouts for ids in r.completion_ids)
-    if any(r.stopped.any() for r in rollouts):
-        assert on["compute/flops"] < off["compute/flops"]
+    if loss_type == "advantage":  # the teacher scores each generated token once while generating, not again
+        assert on["compute/teacher_tokens"] == on["compute/generated_tokens"]
+        if any(r.stopped.any() for r in rollouts):
+            assert on["compute/flops"] < off["compute/flops"]
+    else:  # the parent's divergence needs the teacher's distribution: a second forward over the kept completions
+        assert on["compute/teacher_tokens"] == on["compute/generated_tokens"] + on["compute/trained_tokens"]
 
 
 def test_counting_skips_evaluation_and_counts_online_blocks():
