@@ -1,6 +1,7 @@
 """A compact, paired summary of a `trl-ltc compare` run from its results.csv: per policy, average pass@1 (mean over
 the evaluation sets), its paired difference against `full` on the same seed (mean ± sample std over seeds, and each
-seed's value), greedy accuracy, compute, generated tokens, and the accuracy at `full`'s final compute.
+seed's value), greedy accuracy, compute, generated tokens, and the paired difference against `full` at equal compute
+(`delta_at_equal_compute`, on the curve sets).
 
     python benchmarks/bench_summary.py runs/compare_lab_compute/results.csv
 
@@ -32,7 +33,8 @@ def _mean_std(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
 
 
 def summarize(path: str) -> str:
-    rows = list(csv.DictReader(open(path, encoding="utf-8")))
+    with open(path, encoding="utf-8") as file:
+        rows = list(csv.DictReader(file))
     runs = defaultdict(dict)
     references = {}
     for row in rows:
@@ -42,30 +44,32 @@ def summarize(path: str) -> str:
             runs[row["policy"]][row["seed"]] = row
     full = runs.get("full", {})
     lines = [
-        "| policy | seeds | average pass@1 (%) | Δ vs full, paired (points; per seed) | greedy (%) | compute (TFLOP) "
-        "| generated tokens (k) | pass@1 at full's compute, curve set (%) |",
+        (
+            "| policy | seeds | average pass@1 (%) | Δ vs full, paired (points; per seed) | greedy (%) | compute (TFLOP) "
+            "| generated tokens (k) | Δ vs full at equal compute, curve set (points) |"
+        ),
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, row in references.items():
-        lines.append(f"| {name} | – | {100 * float(row['accuracy']):.1f} | | {100 * float(row['accuracy_greedy']):.1f} "
-                     "| | | |")
+        lines.append(
+            f"| {name} | – | {100 * float(row['accuracy']):.1f} | | {100 * float(row['accuracy_greedy']):.1f} | | | |"
+        )
     for policy, by_seed in runs.items():
         seeds = sorted(by_seed)
         accuracy = [_float(by_seed[s]["accuracy"]) for s in seeds]
-        deltas = [
-            100 * (_float(by_seed[s]["accuracy"]) - _float(full[s]["accuracy"])) for s in seeds if s in full
-        ] if policy != "full" else []
+        deltas = (
+            [100 * (_float(by_seed[s]["accuracy"]) - _float(full[s]["accuracy"])) for s in seeds if s in full]
+            if policy != "full"
+            else []
+        )
         delta = "" if not deltas else f"{_mean_std(deltas)} ({', '.join(f'{d:+.1f}' for d in deltas)})"
-        at_full = [_float(by_seed[s].get("accuracy_at_full_compute")) for s in seeds]
-        reached = [a for a in at_full if a is not None]
-        at_full_text = _mean_std(reached, 100) if reached else "not reached"
-        if reached and len(reached) < len(seeds):
-            at_full_text += f" ({len(reached)}/{len(seeds)} seeds)"
+        equal = [_float(by_seed[s].get("delta_at_equal_compute")) for s in seeds]
+        equal_text = _mean_std(equal, 100) if policy != "full" else ""
         lines.append(
             f"| {policy} | {len(seeds)} | {_mean_std(accuracy, 100)} | {delta} "
             f"| {_mean_std([_float(by_seed[s]['accuracy_greedy']) for s in seeds], 100)} "
             f"| {_mean_std([_float(by_seed[s]['flops']) for s in seeds], 1e-12, 2)} "
-            f"| {_mean_std([_float(by_seed[s]['generated_tokens']) for s in seeds], 1e-3, 1)} | {at_full_text} |"
+            f"| {_mean_std([_float(by_seed[s]['generated_tokens']) for s in seeds], 1e-3, 1)} | {equal_text} |"
         )
     return "\n".join(lines)
 

@@ -544,6 +544,10 @@ def test_matched_compute_interpolates_along_the_curves():
     assert matched[("cheap", 0)]["flops_to_target_gain"] == pytest.approx(50 + 100 * 0.06 / 0.2)
     assert matched[("long", 0)]["accuracy_at_full_compute"] == pytest.approx(0.3)
     assert matched[("long", 0)]["flops_to_target_gain"] == NOT_REACHED
+    # Paired at the most compute both spent: cheap ends at 150, where full is 0.3 + 0.2 * 50 / 100 = 0.4.
+    assert matched[("cheap", 0)]["delta_at_equal_compute"] == pytest.approx(0.6 - 0.4)
+    assert matched[("long", 0)]["delta_at_equal_compute"] == pytest.approx(0.3 - 0.5)
+    assert "delta_at_equal_compute" not in matched[("full", 0)]
 
 
 @pytest.mark.parametrize(

@@ -239,7 +239,7 @@ CSV_FIELDS = [
     "kind", "policy", "seed", "supervision", "fields", "reverse_kl", "reverse_kl_prefix", "accuracy",
     "accuracy_greedy", "accuracy_stderr", "completion_length", "truncated_frac", "kept_token_frac", "tokens_trained",
     "generated_tokens", "teacher_tokens", "trained_tokens", "flops", "accuracy_at_full_compute",
-    "flops_to_target_gain", "seconds_per_step", "steps", "train_seconds", "eval_seconds",
+    "delta_at_equal_compute", "flops_to_target_gain", "seconds_per_step", "steps", "train_seconds", "eval_seconds",
 ]  # fmt: skip
 COMPUTE_FIELDS = ("generated_tokens", "teacher_tokens", "trained_tokens", "flops")
 CURVE_FIELDS = [
@@ -355,6 +355,10 @@ def first_reaching(points: list[tuple[float, float]], target: float) -> float | 
     return None
 
 
+def _xy(points: list[dict], metric: str) -> list[tuple[float, float]]:
+    return [(p["flops"], p[metric]) for p in points if p.get("flops") is not None and p.get(metric) is not None]
+
+
 def matched_compute(
     results: list[dict], baseline: str | None, start: dict | None, target_gain: float = 0.9, metric: str = "accuracy"
 ) -> dict[tuple[str, int], dict]:
@@ -365,6 +369,9 @@ def matched_compute(
     - `flops_to_target_gain`: the flops at which its curve first reaches the untrained student's accuracy plus
       `target_gain` of the baseline's final gain over it; `"not reached"` when it never does. Blank when the baseline
       gained nothing.
+    - `delta_at_equal_compute`: its accuracy minus the baseline's, both interpolated at the smaller of the two final
+      flops (the most compute both spent), so that every run has a paired difference at equal compute. Not for the
+      baseline itself.
     """
     curves = curves_of(results, start)
     out = {}
@@ -372,12 +379,16 @@ def matched_compute(
         base = curves.get((baseline, seed))
         if base is None or start is None:
             continue
-        xy = [(p["flops"], p[metric]) for p in points if p.get("flops") is not None and p.get(metric) is not None]
+        xy, base_xy = _xy(points, metric), _xy(base, metric)
         final_flops, final_value = base[-1].get("flops"), base[-1].get(metric)
         row = {}
         if final_flops is not None and xy:
             at = value_at(xy, final_flops)
             row["accuracy_at_full_compute"] = NOT_REACHED if at is None else at
+            common = min(xy[-1][0], final_flops)
+            ours, theirs = value_at(xy, common), value_at(base_xy, common)
+            if policy != baseline and ours is not None and theirs is not None:
+                row["delta_at_equal_compute"] = ours - theirs
         gain = None if final_value is None or start.get(metric) is None else final_value - start[metric]
         if gain is not None and gain > 0 and xy:
             reached = first_reaching(xy, start[metric] + target_gain * gain)
@@ -454,23 +465,25 @@ def matched_markdown(matched: dict, policies: list[str], baseline: str, target_g
         return text if n == len(values) else f"{text} ({n}/{len(values)} seeds)"
 
     header = (
-        f"| policy | accuracy (%) at `{baseline}`'s final compute | compute to reach {100 * target_gain:.0f}% of "
-        f"`{baseline}`'s accuracy gain (TFLOP) |"
+        f"| policy | accuracy (%) at `{baseline}`'s final compute | Δ vs `{baseline}` at equal compute (points) | "
+        f"compute to reach {100 * target_gain:.0f}% of `{baseline}`'s accuracy gain (TFLOP) |"
     )
     lines = [
         f"## Matched compute (against `{baseline}` on the same seed, along the curves)",
         "",
         header,
-        "|---|---|---|",
+        "|---|---|---|---|",
     ]
     for policy in policies:
         lines.append(f"| {policy} | {summary('accuracy_at_full_compute', 100.0, 1)} | "
+                     f"{summary('delta_at_equal_compute', 100.0, 1)} | "
                      f"{summary('flops_to_target_gain', 1e-12, 2)} |")  # fmt: skip
     note = (
         f"Along each run's curve (its checkpoints on the curve sets, linearly interpolated in flops): its accuracy at "
-        f'the compute where `{baseline}` of the same seed ended ("{NOT_REACHED}": the run ended with less compute), '
-        f"and the compute at which it first reached the untrained student's accuracy plus {100 * target_gain:.0f}% of "
-        f"`{baseline}`'s final gain over it. Curves: `curves.csv`, `curves.png`."
+        f'the compute where `{baseline}` of the same seed ended ("{NOT_REACHED}": the run ended with less compute); '
+        f"its accuracy minus `{baseline}`'s, both at the smaller of their two final computes (paired, mean ± std over "
+        f"seeds); and the compute at which it first reached the untrained student's accuracy plus "
+        f"{100 * target_gain:.0f}% of `{baseline}`'s final gain over it. Curves: `curves.csv`, `curves.png`."
     )
     lines += ["", note]
     return lines
