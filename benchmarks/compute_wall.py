@@ -16,8 +16,9 @@ tokens generated (`compute/generated_tokens`), the completion positions the teac
 the estimated flops (`compute/flops`), each as the step's increment of the cumulative counters, and the step's wall time
 (generation, scoring and update; `on_step_begin` to `on_step_end`). The first step of each run is reported apart
 (the same first prompts for every mode, so it is the paired comparison; `--skip_first` leaves it out of the medians).
-Results: `<out>/results.json` and `<out>/results.md`: per mode, median and [min, max] over all measured steps. Not a
-test; one torch thread by default (`--num_threads`), run it on a quiet machine.
+Results: `<out>/results.json` and `<out>/results.md`: per mode, median and [min, max] over all measured steps, and the
+paired per-step ratios between the modes. Not a test; one torch thread by default (`--num_threads`), run it on a quiet
+machine.
 """
 
 from __future__ import annotations
@@ -122,6 +123,21 @@ def report(results: dict, skip_first: bool = False) -> str:
             f"{_summary([r['teacher_tokens'] for r in rows], 0)} | {_summary([r['flops'] / 1e12 for r in rows], 2)} | "
             f"{_summary([r['seconds'] for r in rows], 1)} | {_summary([r['truncated_frac'] for r in rows], 2)} |"
         )
+    by_step = {(s["mode"], s["round"], s["step"]): s for s in steps if not (skip_first and s["step"] == 1)}
+    lines += [
+        "",
+        "Paired ratios, step by step (the same round and step index: the same prompts), median [min, max]:",
+        "",
+        "| ratio | generated tokens | teacher positions | flops | s / step |",
+        "|---|---|---|---|---|",
+    ]
+    for a, b in (("online", "release"), ("online", "full"), ("release", "full")):
+        pairs = [(s, by_step[(b, *key[1:])]) for key, s in by_step.items() if key[0] == a and (b, *key[1:]) in by_step]
+        cells = [
+            _summary([x[name] / y[name] for x, y in pairs if y[name]], 3)
+            for name in ("generated_tokens", "teacher_tokens", "flops", "seconds")
+        ]
+        lines.append(f"| {a} / {b} | " + " | ".join(cells) + " |")
     lines += ["", "First step of each round (the same prompts and initial student for every mode):", ""]
     lines += ["| round | mode | generated tokens | teacher positions | s |", "|---|---|---|---|---|"]
     for row in sorted((s for s in steps if s["step"] == 1), key=lambda s: (s["round"], list(MODES).index(s["mode"]))):
