@@ -306,7 +306,7 @@ def smollm2():
         yield url, tokenizer, teacher, student
 
 
-def _smollm2_batch(tokenizer, student, canonical: bool, n=4, tokens=48):
+def _smollm2_batch(tokenizer, student, canonical: bool, n=2, tokens=48):
     from trl_ltc.quickstart import heldout_prompts
 
     torch.manual_seed(0)
