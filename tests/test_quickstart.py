@@ -226,3 +226,26 @@ def test_missing_gguf_package_says_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(import_utils, "is_gguf_available", lambda *a: False)
     with pytest.raises(embedded.EmbeddedModelError, match=r"pip install 'gguf>="):
         embedded.convert_gguf(tmp_path / embedded.GGUF_FILE, tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], False),
+        (["--max_steps", "2"], False),
+        (["--use_vllm"], True),
+        (["--use_vllm", "--max_steps", "2"], True),
+        (["--use_vllm", "true"], True),
+        (["--use_vllm", "False"], False),
+        (["--use_vllm=false"], False),
+        (["--use_vllm=True"], True),
+        (["--use_vllm", "--use_vllm", "no"], False),  # the last one given counts
+    ],
+)
+def test_use_vllm_passed_through_is_recognised_in_every_spelling(monkeypatch, argv, expected):
+    from trl_ltc.commands.quickstart import _vllm_on_cpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _vllm_on_cpu(argv) is expected
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _vllm_on_cpu(argv) is False  # a GPU: vLLM's defaults stand

@@ -94,13 +94,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _vllm_on_cpu(passthrough: list[str]) -> bool:
-    """Whether `--use_vllm` is passed through (not `--use_vllm false`) on a machine without a GPU."""
+    """Whether `--use_vllm` is passed through switched on (`--use_vllm`, `--use_vllm true`, `--use_vllm=true`; the
+    last one given counts, as in argparse) on a machine without a GPU."""
     import torch
 
-    if "--use_vllm" not in passthrough:
-        return False
-    value = passthrough[passthrough.index("--use_vllm") + 1 :][:1]
-    return value[:1] != ["false"] and value[:1] != ["False"] and not torch.cuda.is_available()
+    value = None
+    for index, arg in enumerate(passthrough):
+        if arg == "--use_vllm":
+            following = passthrough[index + 1 : index + 2]
+            value = following[0] if following and not following[0].startswith("-") else "true"
+        elif arg.startswith("--use_vllm="):
+            value = arg.split("=", 1)[1]
+    return value is not None and value.lower() not in ("false", "f", "no", "n", "0") and not torch.cuda.is_available()
 
 
 def _run(args, teacher_dir, student_dir, recipe, passthrough, server, start) -> int:
