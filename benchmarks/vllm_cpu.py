@@ -96,6 +96,7 @@ def train_steps(args):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     import yaml
     from datasets import load_dataset
+    from peft import LoraConfig
     from transformers import AutoTokenizer, TrainerCallback
 
     from trl_ltc import TeachabilityGKDConfig, TeachabilityGKDTrainer
@@ -103,9 +104,8 @@ def train_steps(args):
     from trl_ltc.vllm_compat import colocated_engine_dtype
 
     teacher_dir, student_dir = prepare_smollm2_pair()
-    recipe = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "configs", "quickstart.yaml")))
-    from peft import LoraConfig
-
+    with open(os.path.join(os.path.dirname(__file__), "..", "configs", "quickstart.yaml"), encoding="utf-8") as file:
+        recipe = yaml.safe_load(file)
     peft = LoraConfig(r=recipe["lora_r"], lora_alpha=recipe["lora_alpha"], lora_dropout=0.0,
                       target_modules="all-linear", task_type="CAUSAL_LM")  # fmt: skip
     fields = {k: recipe[k] for k in ("supervision", "release_top_k", "segmentation", "loss_type", "beta",
